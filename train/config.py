@@ -1,0 +1,53 @@
+"""Run, training, optimizer, checkpoint and logging settings."""
+
+from dataclasses import dataclass
+from typing import Optional
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/tiny"
+    """Everything a run writes goes below this directory."""
+    seed: int = 1234
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300
+    global_batch_size: int = 16
+    """Sequences per optimizer step, over all data-parallel ranks."""
+    micro_batch_size: int = 4
+    """Sequences per forward/backward pass on one rank."""
+    seq_length: int = 128
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_steps: int = 30
+    decay_style: str = "cosine"
+    """cosine | linear | constant, from the end of warm-up to train.steps."""
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+
+
+@dataclass
+class CheckpointConfig:
+    dir: Optional[str] = None
+    """None means <run.dir>/checkpoints."""
+    interval: int = 100
+    """Save every this many steps (and always at the end and on SIGTERM/SIGINT)."""
+    keep: int = 2
+    """Complete checkpoints kept on disk; older ones are deleted once a newer one is complete."""
+
+
+@dataclass
+class LoggingConfig:
+    interval: int = 10
+    wandb: str = "off"
+    """off | offline | online."""
+    wandb_project: str = "mimo"
