@@ -1,0 +1,263 @@
+"""The training run: recipe -> parallel runtime -> model -> data -> steps -> checkpoints and logs."""
+
+import itertools
+import logging
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator, List, Optional, Sequence
+
+import torch
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig, get_megatron_optimizer
+from megatron.core.transformer import TransformerConfig
+from omegaconf import OmegaConf
+from tqdm import tqdm
+
+from mimo.data import build_data_iterators, build_tokenizer, check_vocab
+from mimo.model import build_model
+from mimo.model.accounting import describe_model
+from mimo.parallel.runtime import Runtime, initialize, shutdown
+from mimo.recipes import MimoConfig, to_yaml
+from mimo.train.checkpoint import (
+    TrainState,
+    describe_layout_change,
+    latest_checkpoint,
+    load_checkpoint,
+    read_meta,
+    save_checkpoint,
+)
+from mimo.train.metrics import MetricsWriter
+from mimo.train.preemption import StopRequest
+from mimo.train.schedule import Schedule, ScheduledValues
+from mimo.train.step import StepResult, train_step
+
+logger = logging.getLogger("mimo")
+
+BYTES_PER_GIB = 1024**3
+KIB = 1024
+
+
+@dataclass
+class RunSummary:
+    """What a finished (or stopped) run reports back; tests compare these across layouts."""
+
+    state: TrainState
+    losses: List[float]
+    grad_norms: List[float]
+    stopped_by_signal: bool
+    resumed_from: Optional[str]
+
+
+def setup_logging(is_main: bool) -> None:
+    level = logging.INFO if is_main else logging.WARNING
+    logging.basicConfig(level=level, format="[mimo %(asctime)s] %(message)s", datefmt="%H:%M:%S", force=True)
+    logger.setLevel(level)
+
+
+def layout_record(cfg: MimoConfig, runtime: Runtime) -> dict:
+    """The layout a checkpoint is saved under, compared on resume to say what changed."""
+    return {
+        "world_size": runtime.world_size,
+        "tp": cfg.parallel.tp,
+        "pp": cfg.parallel.pp,
+        "vpp": cfg.parallel.vpp,
+        "ep": cfg.parallel.ep,
+        "etp": cfg.parallel.etp,
+        "cp": cfg.parallel.cp,
+        "dp": runtime.layout.dp,
+        "micro_batch_size": cfg.train.micro_batch_size,
+        "distributed_optimizer": runtime.layout.distributed_optimizer,
+    }
+
+
+def wrap_ddp(chunks: Sequence[torch.nn.Module], config: TransformerConfig, distributed_optimizer: bool):
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=distributed_optimizer,
+    )
+    return [
+        DistributedDataParallel(config=config, ddp_config=ddp_config, module=chunk, disable_bucketing=i > 0)
+        for i, chunk in enumerate(chunks)
+    ]
+
+
+def build_optimizer(cfg: MimoConfig, chunks, distributed_optimizer: bool) -> MegatronOptimizer:
+    optim = cfg.optim
+    return get_megatron_optimizer(
+        OptimizerConfig(
+            optimizer="adam",
+            lr=optim.lr,
+            min_lr=optim.min_lr,
+            weight_decay=optim.weight_decay,
+            adam_beta1=optim.adam_beta1,
+            adam_beta2=optim.adam_beta2,
+            adam_eps=optim.adam_eps,
+            clip_grad=optim.clip_grad,
+            bf16=cfg.precision.dtype == "bf16",
+            params_dtype=torch.bfloat16 if cfg.precision.dtype == "bf16" else torch.float32,
+            use_distributed_optimizer=distributed_optimizer,
+        ),
+        list(chunks),
+    )
+
+
+def apply_scheduled(values: ScheduledValues, optimizer: MegatronOptimizer, config: TransformerConfig, wd: float) -> None:
+    """Scheduled values reach the modules through the shared TransformerConfig, read at every forward."""
+    for group in optimizer.param_groups:
+        group["lr"] = values.lr * group.get("lr_mult", 1.0)
+        group["weight_decay"] = wd * group.get("wd_mult", 1.0)
+    config.mtp_loss_scaling_factor = values.mtp_loss_weight
+    config.moe_router_bias_update_rate = values.moe_router_bias_update_rate
+    config.moe_aux_loss_coeff = values.moe_aux_loss_coeff
+
+
+def chunk_iterators(iterator: Iterator, num_chunks: int) -> List[Iterator]:
+    """Each virtual pipeline stage pulls every micro-batch once, so each gets its own view of one stream."""
+    return [iterator] if num_chunks == 1 else list(itertools.tee(iterator, num_chunks))
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / BYTES_PER_GIB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * KIB / BYTES_PER_GIB
+
+
+def _resume(cfg: MimoConfig, runtime: Runtime, chunks, optimizer, layout: dict) -> tuple[TrainState, Optional[str]]:
+    path = latest_checkpoint(cfg.checkpoint.dir)
+    if path is None:
+        logger.info("no checkpoint in %s: starting from scratch", cfg.checkpoint.dir)
+        return TrainState(), None
+    meta = read_meta(path)
+    changes = describe_layout_change(meta.get("layout", {}), layout)
+    state = load_checkpoint(path, chunks, optimizer, cfg.model, layout)
+    logger.info(
+        "resumed from %s (step %d, %d samples, %d tokens)%s",
+        path, state.step, state.consumed_samples, state.consumed_tokens,
+        "; layout changed: " + ", ".join(changes) if changes else "",
+    )
+    return state, str(path)
+
+
+def run_training(cfg: MimoConfig) -> RunSummary:
+    runtime = initialize(
+        cfg.parallel,
+        cfg.model,
+        seed=cfg.run.seed,
+        global_batch_size=cfg.train.global_batch_size,
+        micro_batch_size=cfg.train.micro_batch_size,
+        seq_length=cfg.train.seq_length,
+    )
+    writer = None
+    stop = StopRequest().install()
+    try:
+        setup_logging(runtime.is_main)
+        run_dir = Path(cfg.run.dir)
+        if runtime.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.yaml").write_text(to_yaml(cfg))
+            logger.info("resolved config (saved to %s):\n%s", run_dir / "config.yaml", to_yaml(cfg))
+            logger.info("%s", describe_model(cfg.model, cfg.train.seq_length))
+        tokenizer = build_tokenizer(cfg.data)
+        check_vocab(tokenizer, cfg.model.vocab_size)
+
+        chunks = build_model(cfg.model, cfg.parallel, cfg.precision, seq_length=cfg.train.seq_length)
+        config: TransformerConfig = chunks[0].config
+        chunks = wrap_ddp(chunks, config, runtime.layout.distributed_optimizer)
+        optimizer = build_optimizer(cfg, chunks, runtime.layout.distributed_optimizer)
+        config.finalize_model_grads_func = finalize_model_grads
+        config.grad_scale_func = optimizer.scale_loss
+        config.no_sync_func = [chunk.no_sync for chunk in chunks] if len(chunks) > 1 else chunks[0].no_sync
+
+        layout = layout_record(cfg, runtime)
+        state, resumed_from = _resume(cfg, runtime, chunks, optimizer, layout)
+        samples_per_microbatch = cfg.train.micro_batch_size * runtime.layout.dp
+        schedule = Schedule(
+            cfg.schedule, optim=cfg.optim, train=cfg.train, model=cfg.model, batch_unit=samples_per_microbatch
+        )
+        data = build_data_iterators(
+            cfg.data,
+            run_dir=cfg.run.dir,
+            seq_length=cfg.train.seq_length,
+            micro_batch_size=cfg.train.micro_batch_size,
+            train_samples=cfg.train.steps * cfg.train.global_batch_size,
+            consumed_samples=state.consumed_samples,
+            dp_rank=runtime.layout.dp_rank,
+            dp_size=runtime.layout.dp,
+            seed=cfg.run.seed,
+        )
+        iterators = chunk_iterators(data.train, len(chunks))
+        writer = MetricsWriter(
+            cfg.run.dir, cfg.logging, OmegaConf.to_container(OmegaConf.structured(cfg)), runtime.is_main
+        )
+        return _loop(cfg, runtime, chunks, optimizer, config, iterators, schedule, state, writer, stop, layout, resumed_from)
+    finally:
+        stop.uninstall()
+        if writer is not None:
+            writer.close()
+        shutdown()
+
+
+def _loop(cfg, runtime, chunks, optimizer, config, iterators, schedule, state, writer, stop, layout, resumed_from):
+    losses: List[float] = []
+    grad_norms: List[float] = []
+    samples_per_microbatch = cfg.train.micro_batch_size * runtime.layout.dp
+    interval_tokens, interval_start = 0, time.perf_counter()
+    bar = tqdm(
+        total=cfg.train.steps, initial=state.step, disable=not (runtime.is_main and sys.stderr.isatty()),
+        desc="training", unit="step", dynamic_ncols=True,
+    )
+    stopped = False
+
+    def save() -> None:
+        save_checkpoint(cfg.checkpoint.dir, state, chunks, optimizer, cfg.model, layout, cfg.checkpoint.keep)
+        logger.info("saved checkpoint at step %d to %s", state.step, cfg.checkpoint.dir)
+
+    while state.step < cfg.train.steps and not schedule.finished(state.consumed_tokens):
+        values = schedule.at(state.consumed_tokens)
+        apply_scheduled(values, optimizer, config, cfg.optim.weight_decay)
+        result: StepResult = train_step(
+            chunks, optimizer, iterators, config,
+            num_microbatches=values.global_batch_size // samples_per_microbatch,
+            micro_batch_size=cfg.train.micro_batch_size,
+            seq_length=cfg.train.seq_length,
+            device=runtime.device,
+        )
+        state.step += 1
+        state.consumed_samples += values.global_batch_size
+        state.consumed_tokens += values.global_batch_size * cfg.train.seq_length
+        interval_tokens += values.global_batch_size * cfg.train.seq_length
+        losses.append(result.loss)
+        grad_norms.append(result.grad_norm)
+        bar.update(1)
+        bar.set_postfix(loss=f"{result.loss:.3f}")
+
+        if state.step % cfg.logging.interval == 0 or state.step == cfg.train.steps or state.step == 1:
+            elapsed = time.perf_counter() - interval_start
+            writer.log(state.step, {
+                "tokens": state.consumed_tokens,
+                "samples": state.consumed_samples,
+                "loss": result.loss,
+                "lm_loss": result.lm_loss,
+                "mtp_loss": result.mtp_loss,
+                "aux_loss": result.aux_loss,
+                "grad_norm": result.grad_norm,
+                "update_skipped": result.update_skipped,
+                **{key: value for key, value in asdict(values).items()},
+                "tokens_per_s": interval_tokens / max(elapsed, 1e-9),
+                "peak_memory_gib": peak_memory_gib(runtime.device),
+            })
+            interval_tokens, interval_start = 0, time.perf_counter()
+
+        stopped = stop.agreed(runtime.device)
+        last = state.step == cfg.train.steps or schedule.finished(state.consumed_tokens)
+        if stopped or last or state.step % cfg.checkpoint.interval == 0:
+            save()
+        if stopped:
+            logger.warning("stopped at step %d on signal; rerun the same command to resume", state.step)
+            break
+    bar.close()
+    return RunSummary(state, losses, grad_norms, stopped, resumed_from)

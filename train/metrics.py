@@ -1,0 +1,74 @@
+"""Where logged numbers go: a console line, ``<run.dir>/metrics.jsonl`` and, when enabled, wandb.
+
+Only the main rank writes; the training loop has already reduced every value across ranks.
+"""
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+from mimo.train.config import LoggingConfig
+
+logger = logging.getLogger("mimo")
+
+WANDB_MODES = ("off", "offline", "online")
+CONSOLE_FIELDS = (
+    ("loss", "loss {:.4f}"),
+    ("lm_loss", "lm {:.4f}"),
+    ("mtp_loss", "mtp {:.4f}"),
+    ("aux_loss", "aux {:.2e}"),
+    ("lr", "lr {:.3e}"),
+    ("grad_norm", "gnorm {:.3f}"),
+    ("global_batch_size", "gbs {}"),
+    ("tokens_per_s", "tok/s {:.0f}"),
+    ("peak_memory_gib", "mem {:.2f}GiB"),
+)
+
+
+class MetricsWriter:
+    def __init__(self, run_dir: str, cfg: LoggingConfig, run_config: Dict[str, Any], enabled: bool):
+        if cfg.wandb not in WANDB_MODES:
+            raise ValueError(f"logging.wandb={cfg.wandb!r}; choose one of {', '.join(WANDB_MODES)}")
+        self.enabled = enabled
+        self._wandb = None
+        self._jsonl = None
+        if not enabled:
+            return
+        self._jsonl = open(Path(run_dir) / "metrics.jsonl", "a", buffering=1)
+        if cfg.wandb != "off":
+            import wandb
+
+            self._wandb = wandb.init(
+                project=cfg.wandb_project,
+                dir=run_dir,
+                mode=cfg.wandb,
+                config=run_config,
+                name=Path(run_dir).name,
+                id=_stable_run_id(run_dir),
+                resume="allow",
+            )
+
+    def log(self, step: int, values: Dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, **values}
+        self._jsonl.write(json.dumps(record) + "\n")
+        if self._wandb is not None:
+            self._wandb.log(values, step=step)
+        parts = [fmt.format(values[key]) for key, fmt in CONSOLE_FIELDS if values.get(key) is not None]
+        logger.info("step %d | tokens %d | %s", step, values.get("tokens", 0), " | ".join(parts))
+
+    def close(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def _stable_run_id(run_dir: str) -> str:
+    """One wandb run per run directory, so a resumed job continues the same curves."""
+    path = os.path.abspath(run_dir)
+    return Path(path).name + "-" + hashlib.sha1(path.encode()).hexdigest()[:8]

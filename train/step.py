@@ -1,0 +1,137 @@
+"""One optimizer step: megatron-core's forward/backward schedule over the step's micro-batches, then the update.
+
+Losses are summed per token and divided by the global token count (``calculate_per_token_loss``), so the loss
+and its gradient are the same whatever the layout splits the global batch into.
+"""
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Dict, Iterator, List, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.optimizer import MegatronOptimizer
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.moe.moe_utils import (
+    clear_aux_losses_tracker,
+    get_moe_layer_wise_logging_tracker,
+)
+from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
+
+Batch = Dict[str, torch.Tensor]
+MODEL_INPUTS = ("tokens", "labels", "loss_mask", "position_ids")
+
+
+@dataclass
+class StepResult:
+    lm_loss: float
+    mtp_loss: float
+    aux_loss: float
+    loss: float
+    grad_norm: float
+    update_skipped: bool
+    tokens: int
+    """Tokens the loss was computed on, over the whole global batch."""
+
+
+def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, dict]:
+    mask = loss_mask.reshape(-1).float()
+    loss_sum = (output_tensor.float().reshape(-1) * mask).sum()
+    num_tokens = mask.sum().to(torch.int)
+    return loss_sum, num_tokens, {"lm_loss": torch.stack([loss_sum.detach(), mask.sum()])}
+
+
+def forward_step(device: torch.device, data_iterator: Iterator[Batch], model: torch.nn.Module):
+    """Every pipeline stage reads the same micro-batch so all iterators advance in lockstep."""
+    batch = next(data_iterator)
+    tokens, labels, loss_mask, position_ids = (batch[key].to(device, non_blocking=True) for key in MODEL_INPUTS)
+    output = model(
+        input_ids=tokens,
+        position_ids=position_ids,
+        attention_mask=None,
+        labels=labels,
+        loss_mask=loss_mask,
+    )
+    return output, partial(_loss_func, loss_mask)
+
+
+def _tracked_aux_loss(config: TransformerConfig) -> torch.Tensor:
+    """This rank's MoE aux losses summed over its layers and micro-batches, weighted by the coefficient."""
+    total = torch.zeros(())
+    for name, entry in get_moe_layer_wise_logging_tracker().items():
+        if name.endswith("load_balancing_loss"):
+            total = total + entry["values"].detach().float().sum().cpu() * config.moe_aux_loss_coeff
+    return total
+
+
+def _tracked_mtp_loss() -> torch.Tensor:
+    """This rank's MTP loss (per-micro-batch means summed over micro-batches and MTP depths)."""
+    values = MTPLossLoggingHelper.tracker.get("values")
+    return torch.zeros(()) if values is None else values.detach().float().sum().cpu()
+
+
+def _reduce_step_metrics(
+    losses: List[dict], config: TransformerConfig, num_microbatches: int
+) -> Tuple[float, float, float, int]:
+    """Average the step's losses over the whole job.
+
+    Ranks that hold the loss (last pipeline stage) contribute sums and counts, all others zeros. Sums and
+    counts are duplicated alike across tensor-parallel ranks, so their ratio is exact after one all-reduce.
+    """
+    lm = torch.stack([entry["lm_loss"].float().cpu() for entry in losses]).sum(0) if losses else torch.zeros(2)
+    is_last = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+    mtp_sum = _tracked_mtp_loss() if is_last else torch.zeros(())
+    holders = torch.tensor(1.0 if is_last else 0.0)
+    vector = torch.stack([lm[0], lm[1], mtp_sum, holders, _tracked_aux_loss(config)])
+    vector = vector.to(torch.cuda.current_device() if torch.cuda.is_available() else "cpu")
+    dist.all_reduce(vector)
+    vector = vector.cpu()
+    lm_loss = (vector[0] / vector[1].clamp(min=1)).item()
+    mtp_loss = (vector[2] / vector[3].clamp(min=1) / num_microbatches).item()
+    # Each layer's aux loss is computed on every rank outside pipeline parallelism: average over those replicas.
+    replicas = dist.get_world_size() // parallel_state.get_pipeline_model_parallel_world_size()
+    aux_loss = (vector[4] / replicas / num_microbatches).item()
+    # Tensor-parallel ranks of the last stage all count the same tokens.
+    tokens = int(round(vector[1].item() / parallel_state.get_tensor_model_parallel_world_size()))
+    return lm_loss, mtp_loss, aux_loss, tokens
+
+
+def train_step(
+    model_chunks: Sequence[torch.nn.Module],
+    optimizer: MegatronOptimizer,
+    data_iterators: Sequence[Iterator[Batch]],
+    config: TransformerConfig,
+    *,
+    num_microbatches: int,
+    micro_batch_size: int,
+    seq_length: int,
+    device: torch.device,
+) -> StepResult:
+    for chunk in model_chunks:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    losses = get_forward_backward_func()(
+        forward_step_func=partial(forward_step, device),
+        data_iterator=list(data_iterators) if len(model_chunks) > 1 else data_iterators[0],
+        model=list(model_chunks),
+        num_microbatches=num_microbatches,
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        forward_only=False,
+    )
+    update_successful, grad_norm, _ = optimizer.step()
+    lm_loss, mtp_loss, aux_loss, tokens = _reduce_step_metrics(losses, config, num_microbatches)
+    clear_aux_losses_tracker()
+    MTPLossLoggingHelper.clean_loss_in_tracker()
+    mtp_weight = config.mtp_loss_scaling_factor if config.mtp_num_layers else 0.0
+    return StepResult(
+        lm_loss=lm_loss,
+        mtp_loss=mtp_loss,
+        aux_loss=aux_loss,
+        loss=lm_loss + mtp_weight * mtp_loss + aux_loss,
+        grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+        update_skipped=not update_successful,
+        tokens=tokens,
+    )
