@@ -11,5 +11,35 @@ setup(
     python_requires=">=3.10",
     packages=[f"mimo.{name}" for name in SUBPACKAGES],
     package_dir={f"mimo.{name}": name for name in SUBPACKAGES},
-    package_data={"mimo.recipes": ["**/*.yaml"]},
+    package_data={
+        "mimo.recipes": ["*.yaml", "*/*.yaml"],
+        "mimo.data": ["assets/*", "assets/*/*"],
+    },
+    install_requires=[
+        # torch is not pinned here: install the build for your accelerator first (CPU: torch==2.13.0).
+        "torch>=2.6",
+        # Verified on 0.16.1; the CPU compatibility layer refuses other versions (see parallel/cpu_compat.py).
+        "megatron-core>=0.16.1,<0.17",
+        "hydra-core>=1.3,<1.4",
+        "datasets>=3.0",
+        "tokenizers>=0.21",
+        "safetensors>=0.4",
+        "wandb>=0.18",
+        "numpy>=1.26",
+        "tqdm>=4.66",
+    ],
+    extras_require={
+        "gpu": ["transformer-engine[pytorch]>=2.8"],
+        "deepspeed": ["deepspeed>=0.16"],
+        "test": ["pytest>=8", "transformers>=5.23", "pandas", "pyarrow"],
+    },
+    entry_points={
+        "console_scripts": [
+            "mimo-train=mimo.train.cli:main",
+            "mimo-plan=mimo.train.planner:main",
+            "mimo-preprocess=mimo.data.preprocess:main",
+            "mimo-convert=mimo.train.convert:main",
+            "mimo-eval=mimo.train.evaluate:main",
+        ]
+    },
 )

@@ -4,6 +4,7 @@ Recipes are YAML files in this folder (``config.yaml`` is the default); config g
 sub-folders. Every key is overridable as ``key=value``; a group is chosen with ``model=mimo_v2_flash``.
 """
 
+import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Sequence
@@ -74,3 +75,17 @@ def load_config(overrides: Sequence[str] = (), config_name: str = "config") -> M
 
 def to_yaml(cfg: MimoConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def recipe_argument_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """The command line every mimo entry point shares: a recipe name and ``key=value`` overrides."""
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=description,
+        epilog="overrides: any config key, e.g. train.steps=50 parallel.ep=2 model=mimo_v2_flash",
+    )
+    parser.add_argument(
+        "--config-name", "-c", default="config", help=f"recipe in {RECIPES_DIR} (default: config)"
+    )
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    return parser
