@@ -24,10 +24,9 @@ class TrainConfig:
 @dataclass
 class OptimConfig:
     lr: float = 3e-3
+    """Peak learning rate; schedule segments refer to it as "lr" (see mimo.train.schedule)."""
     min_lr: float = 3e-4
-    warmup_steps: int = 30
-    decay_style: str = "cosine"
-    """cosine | linear | constant, from the end of warm-up to train.steps."""
+    """Final learning rate of the default schedule; segments refer to it as "min_lr"."""
     weight_decay: float = 0.1
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
