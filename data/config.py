@@ -5,6 +5,28 @@ from typing import List, Optional
 
 
 @dataclass
+class LongDocConfig:
+    """Upsampling of long documents, which the long-context stages need more of than the web has."""
+
+    min_tokens: int = 0
+    """Documents at least this many tokens long (EOD included) form the long-document subset; 0: off."""
+    weight: float = 0.0
+    """Share of the stage's samples drawn from the long-document subset of its blend (0 to 1)."""
+
+
+@dataclass
+class DataStageConfig:
+    """The data mixture of one training stage; fields left empty inherit the top-level DataConfig."""
+
+    name: str = ""
+    """The stage name the schedule refers to (e.g. "pretrain", "long_context")."""
+    blend: List[str] = field(default_factory=list)
+    """Same format as DataConfig.blend; empty: the top-level blend."""
+    long_docs: Optional[LongDocConfig] = None
+    """None: the top-level long_docs setting."""
+
+
+@dataclass
 class DataConfig:
     tokenizer: Optional[str] = None
     """A Hugging Face tokenizer directory; None means the tokenizer shipped with mimo."""
@@ -14,3 +36,29 @@ class DataConfig:
     """Train/validation/test split of each dataset, in parts."""
     cache_dir: Optional[str] = None
     """Where built index caches go; None means <run.dir>/data_cache."""
+    valid_samples: int = 256
+    """Validation samples built (over all data-parallel ranks); the validation iterator cycles over them."""
+    reset_position_ids: bool = False
+    """Restart position ids after each end-of-document token inside a packed sample."""
+    reset_attention_mask: bool = False
+    """Stop attention across document boundaries; adds a [mbs, 1, seq, seq] boolean attention_mask (True: masked)."""
+    eod_mask_loss: bool = False
+    """Do not train on predicting the token after an end-of-document token."""
+    long_docs: LongDocConfig = field(default_factory=LongDocConfig)
+    stages: List[DataStageConfig] = field(default_factory=list)
+    """Per-stage mixtures; select one with mimo.data.stage_config(cfg, name)."""
+    num_workers: int = 0
+    """DataLoader worker processes per rank; 0 reads samples in the training process."""
+
+
+@dataclass
+class TokenizerTrainingConfig:
+    """How the shipped byte-level BPE tokenizer is trained (mimo.data.train_tokenizer)."""
+
+    vocab_size: int = 4096
+    """Total vocabulary, special tokens included."""
+    min_frequency: int = 2
+    """A pair seen fewer times is never merged."""
+    eod_token: str = "<|endoftext|>"
+    pad_token: str = "<|pad|>"
+    """A pad id distinct from EOD, so megatron never mistakes real end-of-document tokens for padding."""

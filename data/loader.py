@@ -1,0 +1,140 @@
+"""Micro-batches for the training loop, in an order that depends only on the seed and the sample count.
+
+Global sample ``i`` is sample ``i`` of megatron-core's (blended) GPT dataset. Counting from
+``consumed_samples``, micro-batch ``m`` covers the global samples
+``[consumed + m * mbs * dp, consumed + (m + 1) * mbs * dp)`` and data-parallel rank ``r`` takes the
+``r``-th contiguous slice of ``mbs``. So a resumed run continues with exactly the next unseen samples
+whatever its data-parallel size or micro-batch size, and batch-size ramp-up is only a matter of how
+many micro-batches the loop draws per step.
+"""
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional
+
+import torch
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from mimo.data.blend import Blend, resolve_blend
+from mimo.data.config import DataConfig
+from mimo.data.errors import DataError
+from mimo.data.tokenizer import MimoTokenizer, build_tokenizer
+
+logger = logging.getLogger(__name__)
+
+Batch = Dict[str, torch.Tensor]
+CACHE_SUBDIR = "data_cache"
+INDEX_SUBDIR = "indices"
+
+
+@dataclass
+class DataIterators:
+    train: Iterator[Batch]
+    """Endless micro-batches for this data-parallel rank."""
+    valid: Optional[Iterator[Batch]]
+    """Endless validation micro-batches (cycling over data.valid_samples), or None without a validation split."""
+    tokenizer: MimoTokenizer
+    dataset_names: List[str]
+    """Label of each blended dataset; a micro-batch's ``dataset_id`` indexes this list."""
+    train_size: int
+    """Distinct training samples built; the order repeats after this many."""
+
+
+class _GlobalSamples(Dataset):
+    """Adds the global sample number and dataset id to megatron's samples, wrapping past the end."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Batch:
+        sample = self.dataset[index % len(self.dataset)]
+        sample["dataset_id"] = int(sample.get("dataset_id", 0))
+        sample["sample_index"] = index
+        if "attention_mask" in sample:
+            sample["attention_mask"] = sample["attention_mask"].bool()
+        return sample
+
+
+class _GlobalOrderSampler(Sampler[List[int]]):
+    """Yields this rank's slice of each successive window of ``micro_batch_size * dp_size`` samples."""
+
+    def __init__(self, consumed_samples: int, micro_batch_size: int, dp_rank: int, dp_size: int) -> None:
+        self.consumed_samples = consumed_samples
+        self.micro_batch_size = micro_batch_size
+        self.dp_rank = dp_rank
+        self.dp_size = dp_size
+
+    def __iter__(self) -> Iterator[List[int]]:
+        start = self.consumed_samples + self.dp_rank * self.micro_batch_size
+        window = self.micro_batch_size * self.dp_size
+        while True:
+            yield list(range(start, start + self.micro_batch_size))
+            start += window
+
+
+def _check_layout(micro_batch_size: int, dp_rank: int, dp_size: int, consumed_samples: int) -> None:
+    if micro_batch_size < 1 or dp_size < 1 or not 0 <= dp_rank < dp_size or consumed_samples < 0:
+        raise DataError(f"bad data layout: micro_batch_size={micro_batch_size}, dp_rank={dp_rank}, "
+                        f"dp_size={dp_size}, consumed_samples={consumed_samples}; need micro_batch_size >= 1, "
+                        f"0 <= dp_rank < dp_size, consumed_samples >= 0")
+
+
+def _gpt_config(cfg: DataConfig, blend: Blend, tokenizer: MimoTokenizer, seq_length: int, seed: int,
+                cache_dir: Path) -> GPTDatasetConfig:
+    return GPTDatasetConfig(
+        random_seed=seed,
+        sequence_length=seq_length,
+        blend=(blend.prefixes, blend.weights),
+        split=cfg.split,
+        path_to_cache=str(cache_dir / INDEX_SUBDIR),
+        tokenizer=tokenizer,
+        reset_position_ids=cfg.reset_position_ids,
+        reset_attention_mask=cfg.reset_attention_mask,
+        eod_mask_loss=cfg.eod_mask_loss,
+        create_attention_mask=cfg.reset_attention_mask,
+    )
+
+
+def _loader(dataset: Dataset, consumed: int, micro_batch_size: int, dp_rank: int, dp_size: int,
+            num_workers: int) -> Iterator[Batch]:
+    sampler = _GlobalOrderSampler(consumed, micro_batch_size, dp_rank, dp_size)
+    return iter(DataLoader(_GlobalSamples(dataset), batch_sampler=sampler, num_workers=num_workers,
+                           persistent_workers=num_workers > 0))
+
+
+def build_data_iterators(cfg: DataConfig, *, run_dir: str, seq_length: int, micro_batch_size: int,
+                         train_samples: int, consumed_samples: int, dp_rank: int, dp_size: int,
+                         seed: int) -> DataIterators:
+    """Builds (or reuses from the cache) the datasets of ``cfg`` and this rank's iterators.
+
+    Call it on every rank (megatron-core's builder synchronises them with barriers). The sample order
+    depends on ``seed`` and ``train_samples`` (the run's total), so keep both fixed across resumes.
+    """
+    _check_layout(micro_batch_size, dp_rank, dp_size, consumed_samples)
+    if train_samples < 1:
+        raise DataError(f"train_samples is {train_samples}; it must be the run's total number of samples (>= 1)")
+    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else Path(run_dir) / CACHE_SUBDIR
+    tokenizer = build_tokenizer(cfg)
+    blend = resolve_blend(cfg, tokenizer, cache_dir)
+    config = _gpt_config(cfg, blend, tokenizer, seq_length, seed, cache_dir)
+    sizes = [train_samples, cfg.valid_samples, 0]
+    train, valid, _ = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
+    if train is None or len(train) == 0:
+        raise DataError(f"the blend {blend.prefixes} yields no training sample of {seq_length + 1} tokens with "
+                        f"split {cfg.split!r}; add data or shorten train.seq_length")
+    has_valid = valid is not None and len(valid) > 0
+    logger.info("data: %d training samples from %s, %s validation samples", len(train), blend.names,
+                len(valid) if has_valid else "no")
+    return DataIterators(
+        train=_loader(train, consumed_samples, micro_batch_size, dp_rank, dp_size, cfg.num_workers),
+        valid=_loader(valid, 0, micro_batch_size, dp_rank, dp_size, cfg.num_workers) if has_valid else None,
+        tokenizer=tokenizer,
+        dataset_names=blend.names,
+        train_size=len(train),
+    )
