@@ -1,0 +1,46 @@
+# shellcheck shell=bash
+# Functions shared by the mimo launch scripts (sourced, not run): argument handling and the planner check.
+
+MIMO_LAUNCH_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source=launch/env.sh
+. "$MIMO_LAUNCH_DIR/env.sh"
+
+PYTHON="${PYTHON:-python}"
+TORCHRUN="${TORCHRUN:-torchrun}"
+
+mimo_die() {
+    echo "error: $*" >&2
+    exit 2
+}
+
+# mimo_check_recipe NAME: the first argument of every launch script is a recipe name, not an override.
+mimo_check_recipe() {
+    case "${1:-}" in
+        "" | -* | *=*) mimo_die "the first argument must be a recipe name (e.g. mimo_v2_flash_stage1), then key=value overrides" ;;
+    esac
+}
+
+# mimo_local_gpus: GPUs visible on this node (1 when there are none, for a CPU run).
+mimo_local_gpus() {
+    local count=0
+    if command -v nvidia-smi > /dev/null 2>&1; then
+        count="$(nvidia-smi -L 2> /dev/null | grep -c '^GPU' || true)"
+    fi
+    if [ "$count" -gt 0 ]; then echo "$count"; else echo 1; fi
+}
+
+# mimo_plan WORLD_SIZE RECIPE [OVERRIDE...]: prints the planner's summary. A layout the planner refuses (it
+# does not fit in memory) stops the launch unless MIMO_IGNORE_PLAN=1; a recipe that does not compose always
+# stops it, since the trainer would fail on it too.
+mimo_plan() {
+    local world_size="$1" recipe="$2" status=0
+    shift 2
+    "$PYTHON" -m mimo.train.planner --config-name "$recipe" --world-size "$world_size" \
+        --gpu "$MIMO_GPU" --mfu "$MIMO_MFU" "$@" || status=$?
+    if [ "$status" -eq 1 ] && [ "${MIMO_IGNORE_PLAN:-0}" = 1 ]; then
+        echo "warning: mimo-plan refused this layout; launching anyway because MIMO_IGNORE_PLAN=1" >&2
+    elif [ "$status" -ne 0 ]; then
+        echo "error: mimo-plan refused the recipe (exit $status); fix it, or set MIMO_IGNORE_PLAN=1 to launch a layout it says does not fit" >&2
+        exit "$status"
+    fi
+}
