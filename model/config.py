@@ -1,7 +1,31 @@
-"""Every hyperparameter of a MiMo-V2-Flash-shaped model. Field names follow the transformers config where one exists."""
+"""Every hyperparameter of a MiMo-V2-Flash-shaped model. Field names follow the transformers config where one exists.
 
-from dataclasses import dataclass, field
+The dataclasses stay plain (Hydra builds them from YAML); ``validate()`` is called by whoever consumes them, so a
+bad recipe fails before any process group or weight exists, with a message naming the key and the fix.
+"""
+
+from dataclasses import dataclass
+from enum import Enum
 from typing import List, Optional
+
+
+class ModelConfigError(ValueError):
+    """A model or precision config that cannot describe a buildable MiMo model."""
+
+
+class AttentionType(str, Enum):
+    """Attention flavour of one layer. The values are transformers' ``layer_types`` spellings."""
+
+    GLOBAL = "full_attention"
+    SLIDING = "sliding_attention"
+
+
+GA_PATTERN_PERIOD = 6
+"""The released model puts a global-attention layer at layer 0 and at every layer i with (i + 1) % 6 == 0."""
+
+TOKEN_DISPATCHERS = ("alltoall", "allgather", "flex")
+PARAM_DTYPES = ("fp32", "bf16")
+FP8_RECIPES = ("blockwise", "mxfp8")
 
 
 @dataclass
@@ -53,6 +77,135 @@ class ModelConfig:
     max_position_embeddings: int = 262_144
     untie_embeddings_and_output_weights: bool = True
 
+    def validate(self) -> "ModelConfig":
+        """Raise ModelConfigError for the first invalid setting; return self so calls can chain."""
+        for key in (
+            "num_layers",
+            "hidden_size",
+            "vocab_size",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "swa_num_key_value_heads",
+            "head_dim",
+            "v_head_dim",
+            "sliding_window",
+            "ffn_hidden_size",
+            "max_position_embeddings",
+        ):
+            _require(getattr(self, key) >= 1, f"model.{key}={getattr(self, key)} must be at least 1")
+        for key in ("rope_theta", "swa_rope_theta", "attention_value_scale", "layernorm_epsilon", "init_method_std"):
+            _require(getattr(self, key) > 0, f"model.{key}={getattr(self, key)} must be positive")
+        for key in ("moe_aux_loss_coeff", "moe_router_bias_update_rate", "mtp_loss_weight"):
+            _require(getattr(self, key) >= 0, f"model.{key}={getattr(self, key)} must be zero or positive")
+        self._validate_attention()
+        self._validate_layers()
+        self._validate_moe()
+        _require(self.mtp_num_layers >= 0, f"model.mtp_num_layers={self.mtp_num_layers} must be 0 (no MTP) or more")
+        _require(
+            self.untie_embeddings_and_output_weights,
+            "model.untie_embeddings_and_output_weights=false: MiMo keeps the input embedding and the LM head"
+            " separate (the MTP blocks share both with the main model); set it to true",
+        )
+        return self
+
+    def _validate_attention(self) -> None:
+        heads = self.num_attention_heads
+        for key in ("num_key_value_heads", "swa_num_key_value_heads"):
+            _require(
+                heads % getattr(self, key) == 0,
+                f"model.num_attention_heads={heads} is not divisible by model.{key}={getattr(self, key)};"
+                f" every KV head must serve the same number of query heads, pick a divisor of {heads}",
+            )
+        _require(
+            0 < self.partial_rotary_factor <= 1,
+            f"model.partial_rotary_factor={self.partial_rotary_factor} must be in (0, 1]",
+        )
+        rotary = self.rotary_dim
+        _require(
+            rotary > 0 and rotary % 2 == 0,
+            f"model.partial_rotary_factor={self.partial_rotary_factor} gives rotary dim int({self.head_dim} *"
+            f" {self.partial_rotary_factor}) = {rotary}, which must be even and positive (RoPE rotates pairs of"
+            " dims); adjust model.partial_rotary_factor or model.head_dim (0.3333 with head_dim 192 gives 63:"
+            " use 0.334)",
+        )
+
+    def _validate_layers(self) -> None:
+        pattern = self.hybrid_layer_pattern
+        if pattern is not None:
+            _require(
+                len(pattern) == self.num_layers,
+                f"model.hybrid_layer_pattern has {len(pattern)} entries but model.num_layers={self.num_layers};"
+                " give one entry (0 = GA, 1 = SWA) per layer, or null for the released model's pattern",
+            )
+            bad = sorted({value for value in pattern if value not in (0, 1)})
+            _require(
+                not bad,
+                f"model.hybrid_layer_pattern contains {bad}; entries must be 0 (global attention) or 1"
+                " (sliding-window attention)",
+            )
+        _require(
+            0 <= self.num_dense_layers <= self.num_layers,
+            f"model.num_dense_layers={self.num_dense_layers} must be between 0 and model.num_layers="
+            f"{self.num_layers}",
+        )
+
+    def _validate_moe(self) -> None:
+        _require(
+            self.moe_token_dispatcher in TOKEN_DISPATCHERS,
+            f"model.moe_token_dispatcher={self.moe_token_dispatcher!r} is not one of {', '.join(TOKEN_DISPATCHERS)}",
+        )
+        if not self.num_moe_layers:
+            return
+        _require(
+            self.num_experts >= 1,
+            f"model.num_experts={self.num_experts} but layers {self.num_dense_layers}..{self.num_layers - 1} are"
+            " MoE; give at least one expert or set model.num_dense_layers = model.num_layers",
+        )
+        _require(
+            1 <= self.moe_router_topk <= self.num_experts,
+            f"model.moe_router_topk={self.moe_router_topk} must be between 1 and model.num_experts="
+            f"{self.num_experts}",
+        )
+        _require(self.moe_ffn_hidden_size >= 1, f"model.moe_ffn_hidden_size={self.moe_ffn_hidden_size} must be >= 1")
+
+    @property
+    def rotary_dim(self) -> int:
+        """Leading dims of each query/key head that carry RoPE; int() truncates, as every reference does."""
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def num_moe_layers(self) -> int:
+        return self.num_layers - self.num_dense_layers
+
+    def layer_pattern(self) -> List[int]:
+        """The hybrid pattern per layer (0 = GA, 1 = SWA), with the released model's rule when none is given."""
+        if self.hybrid_layer_pattern is not None:
+            return list(self.hybrid_layer_pattern)
+        return [0 if i == 0 or (i + 1) % GA_PATTERN_PERIOD == 0 else 1 for i in range(self.num_layers)]
+
+    def layer_types(self) -> List[AttentionType]:
+        """Attention type of every decoder layer (MTP blocks are always sliding-window)."""
+        return [AttentionType.SLIDING if value else AttentionType.GLOBAL for value in self.layer_pattern()]
+
+    def is_moe(self, layer: int) -> bool:
+        """Whether decoder layer ``layer`` (0-based) has a routed-expert FFN instead of the dense one."""
+        if not 0 <= layer < self.num_layers:
+            raise IndexError(f"layer {layer} is outside 0..{self.num_layers - 1}")
+        return layer >= self.num_dense_layers
+
+    def num_kv_heads(self, kind: AttentionType) -> int:
+        return self.swa_num_key_value_heads if kind is AttentionType.SLIDING else self.num_key_value_heads
+
+    def rope_base(self, kind: AttentionType) -> float:
+        return self.swa_rope_theta if kind is AttentionType.SLIDING else self.rope_theta
+
+    def has_sink(self, kind: AttentionType) -> bool:
+        return self.add_swa_attention_sink_bias if kind is AttentionType.SLIDING else self.add_full_attention_sink_bias
+
+    def window(self, kind: AttentionType) -> Optional[int]:
+        """Previous tokens a query sees besides itself; None for unbounded (causal) attention."""
+        return self.sliding_window if kind is AttentionType.SLIDING else None
+
 
 @dataclass
 class PrecisionConfig:
@@ -60,3 +213,22 @@ class PrecisionConfig:
     """Parameter/compute dtype: fp32 | bf16."""
     fp8: Optional[str] = None
     """None | blockwise (Hopper) | mxfp8 (Blackwell); needs Transformer Engine."""
+
+    def validate(self) -> "PrecisionConfig":
+        _require(self.dtype in PARAM_DTYPES, f"precision.dtype={self.dtype!r} is not one of {', '.join(PARAM_DTYPES)}")
+        if self.fp8 is not None:
+            _require(
+                self.fp8 in FP8_RECIPES,
+                f"precision.fp8={self.fp8!r} is not one of {', '.join(FP8_RECIPES)} (or null for no FP8)",
+            )
+            _require(
+                self.dtype == "bf16",
+                f"precision.fp8={self.fp8} needs precision.dtype=bf16 (FP8 GEMMs keep BF16 master activations),"
+                f" got {self.dtype}",
+            )
+        return self
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ModelConfigError(message)

@@ -1,0 +1,177 @@
+"""Turns the mimo configs into megatron-core objects: the TransformerConfig and the model chunks of this rank.
+
+The TransformerConfig is one object shared by every module of every chunk. The training loop changes three of
+its fields while running (``mtp_loss_scaling_factor``, ``moe_router_bias_update_rate``, ``moe_aux_loss_coeff``)
+and megatron-core 0.16.1 reads each of them from that shared object at run time: GPTModel for the MTP loss scale,
+the router for the aux-loss coefficient, ``finalize_model_grads`` for the bias update. (MultiTokenPredictionBlock
+copies ``mtp_loss_scaling_factor`` into an attribute at construction but never reads that copy.)
+"""
+
+import math
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.extensions.transformer_engine import HAVE_TE
+from megatron.core.models.gpt.gpt_model import GPTModel
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.utils import init_method_normal
+
+from mimo.model.config import ModelConfig, ModelConfigError, PrecisionConfig
+from mimo.model.gpt import MimoGPTModel
+from mimo.model.specs import decoder_block_spec, mtp_block_spec
+from mimo.parallel.config import ParallelConfig
+
+PARAM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+FP8_FORMAT = "e4m3"
+"""Every FP8 GEMM operand in E4M3, as DeepSeek-V3's recipe that MiMo follows."""
+ROUTER_DTYPE = "fp32"
+ROUTER_SCORE = "sigmoid"
+LOAD_BALANCING = "seq_aux_loss"
+
+
+def transformer_config(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, precision: PrecisionConfig) -> TransformerConfig:
+    """The megatron TransformerConfig of a MiMo model under a parallel layout and precision.
+
+    ``num_query_groups`` holds the GA layers' KV heads; each attention layer overrides it for its own type.
+    Initialisation is normal(0, init_method_std) for every weight, output projections included (MiMo uses no
+    depth-scaled init).
+    """
+    model_cfg.validate()
+    precision.validate()
+    dtype = PARAM_DTYPES[precision.dtype]
+    init = init_method_normal(model_cfg.init_method_std)
+    moe = model_cfg.num_moe_layers > 0
+    tp = parallel_cfg.tp
+    moe_kwargs = (
+        dict(
+            num_moe_experts=model_cfg.num_experts,
+            moe_ffn_hidden_size=model_cfg.moe_ffn_hidden_size,
+            moe_router_topk=model_cfg.moe_router_topk,
+            moe_router_score_function=ROUTER_SCORE,
+            moe_router_enable_expert_bias=True,
+            moe_router_bias_update_rate=model_cfg.moe_router_bias_update_rate,
+            moe_router_load_balancing_type=LOAD_BALANCING,
+            moe_aux_loss_coeff=model_cfg.moe_aux_loss_coeff,
+            moe_router_dtype=ROUTER_DTYPE,
+            moe_token_dispatcher_type=model_cfg.moe_token_dispatcher,
+            moe_grouped_gemm=model_cfg.moe_grouped_gemm,
+            moe_layer_freq=[0] * model_cfg.num_dense_layers + [1] * model_cfg.num_moe_layers,
+        )
+        if moe
+        else {}
+    )
+    fp8_kwargs = dict(fp8=FP8_FORMAT, fp8_recipe=precision.fp8) if precision.fp8 else {}
+    return TransformerConfig(
+        num_layers=model_cfg.num_layers,
+        hidden_size=model_cfg.hidden_size,
+        num_attention_heads=model_cfg.num_attention_heads,
+        num_query_groups=model_cfg.num_key_value_heads,
+        kv_channels=model_cfg.head_dim,
+        ffn_hidden_size=model_cfg.ffn_hidden_size,
+        normalization="RMSNorm",
+        layernorm_epsilon=model_cfg.layernorm_epsilon,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        softmax_scale=1.0 / math.sqrt(model_cfg.head_dim),
+        init_method_std=model_cfg.init_method_std,
+        init_method=init,
+        output_layer_init_method=init,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=precision.dtype == "bf16",
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=parallel_cfg.pp,
+        virtual_pipeline_model_parallel_size=parallel_cfg.vpp,
+        context_parallel_size=parallel_cfg.cp,
+        expert_model_parallel_size=parallel_cfg.ep,
+        expert_tensor_parallel_size=parallel_cfg.etp,
+        sequence_parallel=tp > 1 if parallel_cfg.sequence_parallel is None else parallel_cfg.sequence_parallel,
+        num_layers_in_first_pipeline_stage=parallel_cfg.pipeline_first_stage_layers,
+        num_layers_in_last_pipeline_stage=parallel_cfg.pipeline_last_stage_layers,
+        use_cpu_initialization=not torch.cuda.is_available(),
+        mtp_num_layers=model_cfg.mtp_num_layers or None,
+        mtp_loss_scaling_factor=model_cfg.mtp_loss_weight,
+        **moe_kwargs,
+        **fp8_kwargs,
+    )
+
+
+def resolve_use_te(use_te: Optional[bool]) -> bool:
+    """None picks Transformer Engine exactly when it is importable and a GPU is present."""
+    if use_te is None:
+        return HAVE_TE and torch.cuda.is_available()
+    return use_te
+
+
+def build_model(
+    model_cfg: ModelConfig,
+    parallel_cfg: ParallelConfig,
+    precision: PrecisionConfig,
+    *,
+    seq_length: int,
+    use_te: Optional[bool] = None,
+) -> List[GPTModel]:
+    """This rank's model chunks, one per virtual pipeline stage (a list of one without interleaving).
+
+    megatron's parallel state must already be initialised with the layout of ``parallel_cfg``
+    (``mimo.parallel.runtime.initialize``). All chunks share one TransformerConfig (``chunks[0].config``).
+    """
+    if seq_length > model_cfg.max_position_embeddings:
+        raise ModelConfigError(
+            f"seq_length={seq_length} exceeds model.max_position_embeddings={model_cfg.max_position_embeddings};"
+            " shorten the sequences or raise model.max_position_embeddings"
+        )
+    _check_parallel_state(parallel_cfg)
+    if parallel_cfg.cp > 1:
+        raise ModelConfigError(
+            f"parallel.cp={parallel_cfg.cp}: MiMo attention (sinks, sliding windows) has no context-parallel"
+            " implementation yet; set parallel.cp=1"
+        )
+    if precision.fp8 and not resolve_use_te(use_te):
+        raise ModelConfigError(f"precision.fp8={precision.fp8} needs Transformer Engine on a GPU; set precision.fp8=null")
+    use_te = resolve_use_te(use_te)
+    config = transformer_config(model_cfg, parallel_cfg, precision)
+    stages = range(parallel_cfg.vpp) if parallel_cfg.vpp else [None]
+    return [
+        MimoGPTModel(
+            config=config,
+            transformer_layer_spec=decoder_block_spec(model_cfg, config, use_te, vp_stage),
+            vocab_size=model_cfg.vocab_size,
+            max_sequence_length=seq_length,
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+            share_embeddings_and_output_weights=False,
+            position_embedding_type="none",
+            mtp_block_spec=mtp_block_spec(model_cfg, config, use_te, vp_stage),
+            vp_stage=vp_stage,
+        )
+        for vp_stage in stages
+    ]
+
+
+def _check_parallel_state(parallel_cfg: ParallelConfig) -> None:
+    if not parallel_state.model_parallel_is_initialized():
+        raise RuntimeError(
+            "megatron's parallel state is not initialised; call mimo.parallel.runtime.initialize(...) before"
+            " build_model"
+        )
+    actual = {
+        "tp": parallel_state.get_tensor_model_parallel_world_size(),
+        "pp": parallel_state.get_pipeline_model_parallel_world_size(),
+        "vpp": parallel_state.get_virtual_pipeline_model_parallel_world_size(),
+        "ep": parallel_state.get_expert_model_parallel_world_size(),
+        "etp": parallel_state.get_expert_tensor_parallel_world_size(),
+        "cp": parallel_state.get_context_parallel_world_size(),
+    }
+    wanted = {key: getattr(parallel_cfg, key) for key in actual}
+    if actual != wanted:
+        raise RuntimeError(
+            f"megatron's parallel state was initialised with {actual} but parallel config asks for {wanted};"
+            " initialise with the same ParallelConfig"
+        )

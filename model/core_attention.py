@@ -1,0 +1,183 @@
+"""Core attention (softmax(QK^T) V) for the local backend: causal global attention and sliding-window attention,
+both optionally with a learnable per-head sink logit.
+
+It mirrors the contract of Transformer Engine's core attention as wrapped by megatron-core
+(``TEDotProductAttention``), so the two backends are interchangeable in a layer spec:
+
+* the constructor reads the layer's geometry from the (per-layer) TransformerConfig it receives:
+  ``num_attention_heads``, ``num_query_groups``, ``window_size = (window, 0)`` or None, and
+  ``softmax_type = "learnable"`` when the layer has a sink;
+* the sink is a parameter named ``softmax_offset`` with this rank's heads, so checkpoints are portable between
+  the CPU and the GPU backends;
+* ``forward(query [s, b, np, dk], key [s, b, ng, dk], value [s, b, ng, dv]) -> [s, b, np * dv]``.
+
+Sliding-window layers never materialise a sequence x sequence matrix: queries are cut into blocks of ``window``
+rows, and each block only meets the ``2 * window`` keys it can see, so time and memory are O(s * window).
+"""
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.utils import (
+    ensure_metadata_has_dp_cp_group,
+    make_sharded_tensors_for_checkpoint,
+)
+from megatron.core.utils import divide, get_pg_size
+
+SINK_SOFTMAX_TYPE = "learnable"
+"""megatron/TE's name for a softmax whose denominator gains exp(sink_h): the MiMo attention sink."""
+
+
+def sliding_window_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    window: int,
+    scale: float,
+    sink: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Causal attention where query i sees keys i - window .. i, in O(seq * window) time and memory.
+
+    Shapes: query [b, h, s, dk], key [b, g, s, dk], value [b, g, s, dv] with h a multiple of g (query head
+    j uses KV head j // (h / g)); sink [h] or None; returns [b, h, s, dv].
+
+    Queries are processed in blocks of ``window`` rows; block n (rows n*B .. n*B + B - 1) needs keys
+    n*B - window .. n*B + B - 1, i.e. one ``unfold`` window of B + window keys over the left-padded keys.
+    The sink enters as one extra logit column per row (not scaled, no value), dropped after the softmax, so
+    the weights on real keys sum to less than one.
+    """
+    batch, heads, seq, head_dim = query.shape
+    groups, value_dim = key.shape[1], value.shape[-1]
+    # A window reaching past the sequence start is plain causal attention; clamping keeps the blocks small.
+    window = min(window, seq - 1)
+    block = max(window, 1)
+    num_blocks = math.ceil(seq / block)
+    padded = num_blocks * block
+    span = block + window
+
+    queries = F.pad(query, (0, 0, 0, padded - seq)).view(batch, groups, heads // groups, num_blocks, block, head_dim)
+    keys = F.pad(key, (0, 0, window, padded - seq)).unfold(2, span, block)  # [b, g, nb, dk, span]
+    values = F.pad(value, (0, 0, window, padded - seq)).unfold(2, span, block)  # [b, g, nb, dv, span]
+
+    scores = torch.matmul(queries, keys.unsqueeze(2)) * scale  # [b, g, h/g, nb, block, span]
+    query_pos = torch.arange(padded, device=query.device).view(num_blocks, block, 1)
+    key_pos = (
+        torch.arange(num_blocks, device=query.device).view(num_blocks, 1, 1) * block
+        - window
+        + torch.arange(span, device=query.device).view(1, 1, span)
+    )
+    visible = (key_pos <= query_pos) & (key_pos >= query_pos - window) & (key_pos >= 0)
+    scores = scores.masked_fill(~visible, float("-inf"))
+    if sink is not None:
+        sink_logits = sink.to(scores.dtype).view(1, groups, heads // groups, 1, 1, 1)
+        scores = torch.cat([scores, sink_logits.expand(*scores.shape[:-1], 1)], dim=-1)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
+    if sink is not None:
+        probs = probs[..., :-1]
+    out = torch.matmul(probs.to(value.dtype), values.transpose(-1, -2).unsqueeze(2))  # [b, g, h/g, nb, block, dv]
+    return out.reshape(batch, heads, padded, value_dim)[:, :, :seq]
+
+
+def causal_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    scale: float,
+    sink: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Full causal attention, shapes as in ``sliding_window_attention``.
+
+    Without a sink this is torch's fused SDPA. A sink needs the extra logit column SDPA cannot take, so it runs
+    as a window spanning the whole sequence (global attention is O(s^2) either way; the released model has no
+    sinks on global layers).
+    """
+    if sink is None:
+        return F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scale, enable_gqa=True)
+    return sliding_window_attention(query, key, value, window=query.shape[2] - 1, scale=scale, sink=sink)
+
+
+class LocalCoreAttention(MegatronModule):
+    """Core attention of one MiMo layer on the local backend (CPU, or GPU without Transformer Engine)."""
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str,
+        attention_dropout: Optional[float] = None,
+        softmax_scale: Optional[float] = None,
+        k_channels: Optional[int] = None,
+        v_channels: Optional[int] = None,
+        cp_comm_type: Optional[str] = None,
+        pg_collection: Optional[ProcessGroupCollection] = None,
+    ) -> None:
+        super().__init__(config=config)
+        dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+        if dropout:
+            raise ValueError(
+                f"attention dropout {dropout} is not implemented by mimo's local core attention (MiMo trains"
+                " without dropout); set attention_dropout=0 in the TransformerConfig"
+            )
+        if attn_mask_type != AttnMaskType.causal:
+            raise ValueError(f"mimo attention is causal; got attn_mask_type={attn_mask_type.name}")
+        if config.softmax_type not in ("vanilla", SINK_SOFTMAX_TYPE):
+            raise ValueError(f"softmax_type={config.softmax_type!r}: mimo uses 'vanilla' or '{SINK_SOFTMAX_TYPE}'")
+        if pg_collection is None:
+            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp"])
+        self.tp_group = pg_collection.tp
+        self.layer_number = layer_number
+        self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(config.kv_channels)
+        self.window = None if config.window_size is None else config.window_size[0]
+        if config.window_size is not None and config.window_size[1] != 0:
+            raise ValueError(f"window_size={config.window_size}: only causal windows (left, 0) are supported")
+        if config.softmax_type == SINK_SOFTMAX_TYPE:
+            heads = divide(config.num_attention_heads, get_pg_size(self.tp_group))
+            device = "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
+            self.softmax_offset = torch.nn.Parameter(torch.zeros(heads, dtype=config.params_dtype, device=device))
+        else:
+            self.softmax_offset = None
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: Optional[torch.Tensor],
+        attn_mask_type: Optional[AttnMaskType] = None,
+        attention_bias: Optional[torch.Tensor] = None,
+        packed_seq_params: Optional[PackedSeqParams] = None,
+    ) -> torch.Tensor:
+        if attention_mask is not None or attention_bias is not None or packed_seq_params is not None:
+            raise ValueError(
+                "mimo's local core attention is always causal (windowed on SWA layers) and takes no"
+                " attention_mask, attention_bias or packed_seq_params; pass None"
+            )
+        seq, batch = query.shape[:2]
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, dim]
+        if self.window is None:
+            out = causal_attention(q, k, v, scale=self.softmax_scale, sink=self.softmax_offset)
+        else:
+            out = sliding_window_attention(q, k, v, window=self.window, scale=self.softmax_scale, sink=self.softmax_offset)
+        return out.permute(2, 0, 1, 3).reshape(seq, batch, -1)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
+        """The sink holds this rank's heads: shard it along dim 0 over tensor parallelism (as TE's wrapper does)."""
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
+        return make_sharded_tensors_for_checkpoint(
+            self.state_dict(prefix="", keep_vars=True),
+            prefix,
+            {"softmax_offset": 0},
+            sharded_offsets,
+            tp_group=self.tp_group,
+            dp_cp_group=metadata["dp_cp_group"],
+        )
