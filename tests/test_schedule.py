@@ -23,7 +23,7 @@ B, T = 10**9, 10**12
 PEAK, MIN = 3.2e-4, 1e-5
 
 
-def flash_schedule(stage: str = "stage1", *, batch: int = 2048, unit: int = 16) -> Schedule:
+def flash_schedule(stage: str = "pretrain", *, batch: int = 2048, unit: int = 16) -> Schedule:
     """The shipped full-scale schedule, read from its recipe file into the typed config."""
     config = OmegaConf.merge(
         OmegaConf.structured(ScheduleConfig),
@@ -80,7 +80,7 @@ def test_batch_rampup(tokens, batch, unit, expected):
 
 
 def test_stage_three_batch_is_fixed():
-    schedule = flash_schedule("stage3", batch=256, unit=8)
+    schedule = flash_schedule("long_context", batch=256, unit=8)
     assert schedule.at(26_050 * B).global_batch_size == 256
 
 
@@ -105,11 +105,11 @@ def test_stage_values(tokens, mtp, bias_rate):
 
 
 def test_stage_spans_and_finish():
-    schedule = flash_schedule("stage2")
+    schedule = flash_schedule("midtrain")
     assert schedule.stages == {
-        "stage1": (0, 22_050 * B),
-        "stage2": (22_050 * B, 26_050 * B),
-        "stage3": (26_050 * B, 27_050 * B),
+        "pretrain": (0, 22_050 * B),
+        "midtrain": (22_050 * B, 26_050 * B),
+        "long_context": (26_050 * B, 27_050 * B),
     }
     assert schedule.stage_span == (22_050 * B, 26_050 * B)
     assert not schedule.finished(26_050 * B - 1)
@@ -166,7 +166,7 @@ def test_steps_between_walks_the_ramp():
 
 def test_flash_stage_step_counts():
     """2048 x 32K = 2^26 tokens per step after the ramp (report: ~328K steps for stage 1 incl. the ramp)."""
-    schedule = flash_schedule("stage2")
+    schedule = flash_schedule("midtrain")
     assert schedule.steps_between(22_050 * B, 26_050 * B) == math.ceil(4 * T / 2**26)
 
 

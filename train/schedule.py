@@ -66,7 +66,8 @@ class Stage:
     moe_router_bias_update_rate: Optional[float] = None
     moe_aux_loss_coeff: Optional[float] = None
     recipe: Optional[str] = None
-    """The recipe that trains this stage; lets ``mimo-plan`` estimate every stage from its own settings."""
+    """The recipe that trains this stage, optionally followed by overrides ("miniature miniature_stage=stage2");
+    lets ``mimo-plan`` estimate every stage from its own settings."""
 
 
 def _default_lr() -> List[LRSegment]:
