@@ -1,0 +1,470 @@
+"""Weight and config conversion between mimo models and Hugging Face MiMo-V2-Flash checkpoints (Hub naming).
+
+Hub naming (what ``save_pretrained`` and the released safetensors use; transformers fuses experts and renames the
+sink only in memory): ``model.layers.N.self_attn.{q,k,v,o}_proj.weight``, ``self_attn.attention_sink_bias``,
+``mlp.{gate,up,down}_proj.weight`` (dense), ``mlp.experts.E.{gate,up,down}_proj.weight``, ``mlp.gate.weight``,
+``mlp.gate.e_score_correction_bias``, ``input_layernorm``, ``post_attention_layernorm``, ``model.norm``,
+``model.embed_tokens``, ``lm_head``, and MTP blocks under ``model.mtp.layers.K.`` (``enorm``, ``hnorm``,
+``eh_proj``, ``final_layernorm`` plus the layer's own tensors, whose second norm the Hub calls
+``pre_mlp_layernorm``; transformers ignores MTP keys, the inference engines read them).
+
+Both directions stream (name, tensor) pairs so a converter can read safetensors shard by shard. A mimo tensor
+built from several HF tensors (fused QKV, gate+up) is emitted as soon as its last part has arrived. FP8 Hub
+checkpoints must be dequantised first (``*_scale_inv`` keys are refused).
+
+``hf_to_mimo`` produces the tensors one rank holds (``ShardLayout``), named as in that rank's model
+``state_dict()``; ``mimo_to_hf`` reads a full, unsharded mimo state dict (load a distributed checkpoint into a
+single-rank model first: dist_checkpointing reshards).
+"""
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+
+from mimo.model.config import AttentionType, ModelConfig
+
+HF_DEFAULT_ROPE_TYPE = "default"
+HF_DENSE, HF_SPARSE = "dense", "sparse"
+HUB_MTP_PRE_MLP_NORM = "pre_mlp_layernorm"
+"""The Hub's name for the MTP layer's second norm (decoder layers call it post_attention_layernorm)."""
+QUANT_SCALE_SUFFIX = "_scale_inv"
+
+TensorStream = Iterable[Tuple[str, torch.Tensor]]
+
+
+class HFMappingError(ValueError):
+    """A checkpoint or config that does not match the model it is converted for."""
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    """The part of the full model one rank's model chunk holds."""
+
+    tp_rank: int = 0
+    tp_size: int = 1
+    ep_rank: int = 0
+    ep_size: int = 1
+    etp_rank: int = 0
+    etp_size: int = 1
+    first_layer: int = 0
+    """Global index of the chunk's first decoder layer."""
+    num_layers: Optional[int] = None
+    """Decoder layers in the chunk; None: all from first_layer on."""
+    has_embedding: bool = True
+    """Pipeline stages with the input embedding: the first, and the one running the MTP blocks."""
+    has_output: bool = True
+    """The last stage: final norm and LM head."""
+    has_mtp: bool = True
+
+    @classmethod
+    def of_model(cls, model: Any) -> "ShardLayout":
+        """The layout of a built chunk (a MimoGPTModel) under megatron's current parallel state."""
+        from megatron.core import parallel_state as ps
+
+        layers = model.decoder.layers
+        return cls(
+            tp_rank=ps.get_tensor_model_parallel_rank(),
+            tp_size=ps.get_tensor_model_parallel_world_size(),
+            ep_rank=ps.get_expert_model_parallel_rank(),
+            ep_size=ps.get_expert_model_parallel_world_size(),
+            etp_rank=ps.get_expert_tensor_parallel_rank(),
+            etp_size=ps.get_expert_tensor_parallel_world_size(),
+            first_layer=layers[0].layer_number - 1 if len(layers) else 0,
+            num_layers=len(layers),
+            has_embedding=model.pre_process or model.mtp_process,
+            has_output=model.post_process,
+            has_mtp=model.mtp_process,
+        )
+
+    def holds_layer(self, layer: int) -> bool:
+        return layer >= self.first_layer and (self.num_layers is None or layer < self.first_layer + self.num_layers)
+
+
+class _Shard(Enum):
+    """How a tensor is split over tensor (or expert-tensor) parallel ranks."""
+
+    REPLICATED = "replicated"
+    ROWS = "rows"
+    """Output features (dim 0): column-parallel weights, vocab rows, per-head sinks, fused QKV (per-group layout)."""
+    COLUMNS = "columns"
+    """Input features (dim 1): row-parallel weights."""
+    GATE_UP_ROWS = "gate_up_rows"
+    """SwiGLU fc1 [gate; up]: each rank holds [its gate rows; its up rows]."""
+
+
+@dataclass(frozen=True)
+class _Rule:
+    """One mimo tensor and the HF tensors it is made of."""
+
+    mimo: str
+    """Name in a full (unsharded, single-stage) mimo model."""
+    hf: Tuple[str, ...]
+    shard: _Shard
+    merge: Callable[[Sequence[torch.Tensor]], torch.Tensor]
+    split: Callable[[torch.Tensor], List[torch.Tensor]]
+    place: str
+    """embedding | decoder | output | mtp: which pipeline chunk holds it."""
+    layer: Optional[int] = None
+    expert: Optional[int] = None
+
+
+def _identity_merge(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    return parts[0]
+
+
+def _identity_split(tensor: torch.Tensor) -> List[torch.Tensor]:
+    return [tensor]
+
+
+def _concat_merge(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    return torch.cat(list(parts), dim=0)
+
+
+def _halves_split(tensor: torch.Tensor) -> List[torch.Tensor]:
+    return list(torch.chunk(tensor, 2, dim=0))
+
+
+def _qkv_ops(cfg: ModelConfig, kind: AttentionType):
+    """Fuse q/k/v into mimo's per-KV-group layout [queries of group g | key g | value g] and back."""
+    groups, dk, dv = cfg.num_kv_heads(kind), cfg.head_dim, cfg.v_head_dim
+    q_rows = cfg.num_attention_heads // groups * dk
+
+    def merge(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+        q, k, v = parts
+        hidden = q.shape[-1]
+        fused = torch.cat([q.view(groups, q_rows, hidden), k.view(groups, dk, hidden), v.view(groups, dv, hidden)], 1)
+        return fused.reshape(-1, hidden)
+
+    def split(tensor: torch.Tensor) -> List[torch.Tensor]:
+        hidden = tensor.shape[-1]
+        q, k, v = torch.split(tensor.view(groups, q_rows + dk + dv, hidden), [q_rows, dk, dv], dim=1)
+        return [part.reshape(-1, hidden).contiguous() for part in (q, k, v)]
+
+    return merge, split
+
+
+def _layer_rules(cfg: ModelConfig, mimo: str, hf: str, kind: AttentionType, moe: bool, mtp: bool, **where) -> List[_Rule]:
+    """Rules of one transformer layer: decoder layer (mimo ``decoder.layers.i.``) or MTP layer."""
+    qkv_merge, qkv_split = _qkv_ops(cfg, kind)
+    plain = dict(merge=_identity_merge, split=_identity_split, **where)
+    pre_mlp_norm = HUB_MTP_PRE_MLP_NORM if mtp else "post_attention_layernorm"
+    rules = [
+        _Rule(f"{mimo}input_layernorm.weight", (f"{hf}input_layernorm.weight",), _Shard.REPLICATED, **plain),
+        _Rule(
+            f"{mimo}self_attention.linear_qkv.weight",
+            tuple(f"{hf}self_attn.{p}_proj.weight" for p in "qkv"),
+            _Shard.ROWS,
+            merge=qkv_merge,
+            split=qkv_split,
+            **where,
+        ),
+        _Rule(f"{mimo}self_attention.linear_proj.weight", (f"{hf}self_attn.o_proj.weight",), _Shard.COLUMNS, **plain),
+        _Rule(f"{mimo}pre_mlp_layernorm.weight", (f"{hf}{pre_mlp_norm}.weight",), _Shard.REPLICATED, **plain),
+    ]
+    if cfg.has_sink(kind):
+        rules.append(
+            _Rule(
+                f"{mimo}self_attention.core_attention.softmax_offset",
+                (f"{hf}self_attn.attention_sink_bias",),
+                _Shard.ROWS,
+                **plain,
+            )
+        )
+    if not moe:
+        return rules + _mlp_rules(f"{mimo}mlp.", f"{hf}mlp.", where)
+    rules += [
+        _Rule(f"{mimo}mlp.router.weight", (f"{hf}mlp.gate.weight",), _Shard.REPLICATED, **plain),
+        _Rule(f"{mimo}mlp.router.expert_bias", (f"{hf}mlp.gate.e_score_correction_bias",), _Shard.REPLICATED, **plain),
+    ]
+    for expert in range(cfg.num_experts):
+        if cfg.moe_grouped_gemm:
+            fc1, fc2 = f"{mimo}mlp.experts.linear_fc1.weight{expert}", f"{mimo}mlp.experts.linear_fc2.weight{expert}"
+        else:
+            fc1 = f"{mimo}mlp.experts.local_experts.{expert}.linear_fc1.weight"
+            fc2 = f"{mimo}mlp.experts.local_experts.{expert}.linear_fc2.weight"
+        rules += _mlp_rules(fc1, f"{hf}mlp.experts.{expert}.", dict(where, expert=expert), fc2=fc2)
+    return rules
+
+
+def _mlp_rules(mimo: str, hf: str, where: Dict[str, Any], fc2: Optional[str] = None) -> List[_Rule]:
+    """SwiGLU FFN: fc1 = [gate; up], fc2 = down. ``mimo`` is the module prefix, or fc1's full name with ``fc2``."""
+    fc1_name, fc2_name = (mimo, fc2) if fc2 else (f"{mimo}linear_fc1.weight", f"{mimo}linear_fc2.weight")
+    return [
+        _Rule(
+            fc1_name,
+            (f"{hf}gate_proj.weight", f"{hf}up_proj.weight"),
+            _Shard.GATE_UP_ROWS,
+            merge=_concat_merge,
+            split=_halves_split,
+            **where,
+        ),
+        _Rule(fc2_name, (f"{hf}down_proj.weight",), _Shard.COLUMNS, merge=_identity_merge, split=_identity_split, **where),
+    ]
+
+
+def _rules(cfg: ModelConfig) -> List[_Rule]:
+    """Every tensor of the full model."""
+    plain = dict(merge=_identity_merge, split=_identity_split)
+    rules = [
+        _Rule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), _Shard.ROWS, place="embedding", **plain),
+        _Rule("decoder.final_layernorm.weight", ("model.norm.weight",), _Shard.REPLICATED, place="output", **plain),
+        _Rule("output_layer.weight", ("lm_head.weight",), _Shard.ROWS, place="output", **plain),
+    ]
+    for layer, kind in enumerate(cfg.layer_types()):
+        rules += _layer_rules(
+            cfg, f"decoder.layers.{layer}.", f"model.layers.{layer}.", kind, cfg.is_moe(layer), False,
+            place="decoder", layer=layer,
+        )
+    for depth in range(cfg.mtp_num_layers):
+        mimo, hf = f"mtp.layers.{depth}.", f"model.mtp.layers.{depth}."
+        rules += [
+            _Rule(f"{mimo}{name}.weight", (f"{hf}{name}.weight",), _Shard.REPLICATED, place="mtp", **plain)
+            for name in ("enorm", "hnorm", "final_layernorm")
+        ]
+        rules.append(_Rule(f"{mimo}eh_proj.weight", (f"{hf}eh_proj.weight",), _Shard.ROWS, place="mtp", **plain))
+        rules += _layer_rules(
+            cfg, f"{mimo}transformer_layer.", hf, AttentionType.SLIDING, False, True, place="mtp"
+        )
+    return rules
+
+
+def _holds(rule: _Rule, layout: ShardLayout, cfg: ModelConfig) -> bool:
+    if rule.place == "embedding":
+        return layout.has_embedding
+    if rule.place == "output":
+        return layout.has_output
+    if rule.place == "mtp":
+        return layout.has_mtp
+    if not layout.holds_layer(rule.layer):
+        return False
+    return rule.expert is None or rule.expert // (cfg.num_experts // layout.ep_size) == layout.ep_rank
+
+
+def _local_name(rule: _Rule, layout: ShardLayout, cfg: ModelConfig) -> str:
+    """The name in this rank's state_dict: layer and expert indices become chunk-local."""
+    name = rule.mimo
+    if rule.layer is not None:
+        name = name.replace(f"decoder.layers.{rule.layer}.", f"decoder.layers.{rule.layer - layout.first_layer}.", 1)
+    if rule.expert is not None:
+        local = rule.expert % (cfg.num_experts // layout.ep_size)
+        name = re.sub(rf"(local_experts\.){rule.expert}\.", rf"\g<1>{local}.", name)
+        name = re.sub(rf"(weight){rule.expert}$", rf"\g<1>{local}", name)
+    return name
+
+
+def _shard(rule: _Rule, tensor: torch.Tensor, layout: ShardLayout) -> torch.Tensor:
+    rank, size = (layout.etp_rank, layout.etp_size) if rule.expert is not None else (layout.tp_rank, layout.tp_size)
+    if rule.shard is _Shard.REPLICATED or size == 1:
+        return tensor
+    if rule.shard is _Shard.ROWS:
+        return torch.chunk(tensor, size, dim=0)[rank].clone()
+    if rule.shard is _Shard.COLUMNS:
+        return torch.chunk(tensor, size, dim=1)[rank].clone()
+    gate, up = torch.chunk(tensor, 2, dim=0)
+    return torch.cat([torch.chunk(gate, size, dim=0)[rank], torch.chunk(up, size, dim=0)[rank]], dim=0)
+
+
+def _check_divisible(cfg: ModelConfig, layout: ShardLayout) -> None:
+    if cfg.num_experts % layout.ep_size:
+        raise HFMappingError(f"ep_size={layout.ep_size} does not divide model.num_experts={cfg.num_experts}")
+
+
+def hf_to_mimo(
+    hf_tensors: TensorStream,
+    cfg: ModelConfig,
+    layout: ShardLayout = ShardLayout(),
+    *,
+    drop_extra_mtp_layers: bool = False,
+) -> Iterator[Tuple[str, torch.Tensor]]:
+    """Hub-named HF tensors -> the (name, tensor) pairs of one rank's mimo state dict.
+
+    Tensors of other ranks (other pipeline stages or expert-parallel ranks) are read and skipped. Raises
+    HFMappingError for an HF key the model has no place for, and at the end for any tensor of this rank that
+    never arrived. ``drop_extra_mtp_layers`` skips MTP blocks beyond ``cfg.mtp_num_layers`` (the release has 3,
+    pre-training uses 1).
+    """
+    cfg.validate()
+    _check_divisible(cfg, layout)
+    by_hf: Dict[str, _Rule] = {}
+    for rule in _rules(cfg):
+        for name in rule.hf:
+            by_hf[name] = rule
+    pending: Dict[str, Dict[str, torch.Tensor]] = {}
+    needed = {rule.mimo for rule in by_hf.values() if _holds(rule, layout, cfg)}
+    for name, tensor in hf_tensors:
+        rule = by_hf.get(name)
+        if rule is None:
+            _unknown_hf_key(name, cfg, drop_extra_mtp_layers)
+            continue
+        if rule.mimo not in needed:
+            continue
+        parts = pending.setdefault(rule.mimo, {})
+        parts[name] = tensor
+        if len(parts) == len(rule.hf):
+            del pending[rule.mimo]
+            needed.discard(rule.mimo)
+            full = rule.merge([parts[hf_name] for hf_name in rule.hf])
+            yield _local_name(rule, layout, cfg), _shard(rule, full, layout)
+    if needed:
+        missing = sorted(needed)
+        raise HFMappingError(
+            f"{len(missing)} mimo tensors never received all their HF parts, e.g. {missing[:3]}; the checkpoint does"
+            " not match the model config (layer count, experts, MTP blocks?)"
+        )
+
+
+def _unknown_hf_key(name: str, cfg: ModelConfig, drop_extra_mtp_layers: bool) -> None:
+    if name.endswith(QUANT_SCALE_SUFFIX):
+        raise HFMappingError(f"{name}: FP8-quantised checkpoint; dequantise the weights to BF16/FP32 before converting")
+    mtp = re.match(r"model\.mtp\.layers\.(\d+)\.", name)
+    if mtp and int(mtp.group(1)) >= cfg.mtp_num_layers:
+        if drop_extra_mtp_layers:
+            return
+        raise HFMappingError(
+            f"{name}: the checkpoint has more MTP blocks than model.mtp_num_layers={cfg.mtp_num_layers}; raise"
+            " model.mtp_num_layers or pass drop_extra_mtp_layers=True"
+        )
+    raise HFMappingError(f"{name}: no mimo tensor corresponds to this HF key; does the model config match the checkpoint?")
+
+
+def mimo_to_hf(mimo_tensors: TensorStream, cfg: ModelConfig) -> Iterator[Tuple[str, torch.Tensor]]:
+    """A full (single-rank, unsharded) mimo state dict -> Hub-named HF tensors (MTP blocks included).
+
+    megatron's ``_extra_state`` entries (FP8 metadata) carry no weights and are skipped.
+    """
+    cfg.validate()
+    by_mimo = {rule.mimo: rule for rule in _rules(cfg)}
+    for name, tensor in mimo_tensors:
+        if name.endswith("_extra_state"):
+            continue
+        rule = by_mimo.get(name)
+        if rule is None:
+            raise HFMappingError(
+                f"{name}: not a tensor of a full mimo model for this config (a sharded or pipeline-stage state"
+                " dict? mimo_to_hf needs the unsharded model)"
+            )
+        yield from zip(rule.hf, rule.split(tensor))
+
+
+def mimo_config_to_hf(cfg: ModelConfig) -> Dict[str, Any]:
+    """Keyword arguments of transformers' ``MiMoV2FlashConfig`` describing the same architecture.
+
+    transformers derives the SWA KV heads as twice the GA ones and puts sinks on exactly the SWA layers, so other
+    combinations have no HF equivalent. ``initializer_range`` carries mimo's init std.
+    """
+    cfg.validate()
+    if cfg.swa_num_key_value_heads != 2 * cfg.num_key_value_heads:
+        raise HFMappingError(
+            f"model.swa_num_key_value_heads={cfg.swa_num_key_value_heads} is not 2 * model.num_key_value_heads"
+            f" ({cfg.num_key_value_heads}); transformers' MiMo-V2-Flash fixes SWA KV heads at twice the GA ones"
+        )
+    if not cfg.add_swa_attention_sink_bias or cfg.add_full_attention_sink_bias:
+        raise HFMappingError(
+            "transformers' MiMo-V2-Flash has sinks on exactly the SWA layers; set"
+            " model.add_swa_attention_sink_bias=true and model.add_full_attention_sink_bias=false"
+        )
+
+    def rope(kind: AttentionType) -> Dict[str, Any]:
+        return {
+            "rope_type": HF_DEFAULT_ROPE_TYPE,
+            "rope_theta": cfg.rope_base(kind),
+            "partial_rotary_factor": cfg.partial_rotary_factor,
+        }
+
+    return dict(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.ffn_hidden_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads,
+        head_dim=cfg.head_dim,
+        v_head_dim=cfg.v_head_dim,
+        hidden_act="silu",
+        max_position_embeddings=cfg.max_position_embeddings,
+        initializer_range=cfg.init_method_std,
+        rms_norm_eps=cfg.layernorm_epsilon,
+        tie_word_embeddings=False,
+        rope_parameters={kind.value: rope(kind) for kind in AttentionType},
+        attention_bias=False,
+        attention_dropout=0.0,
+        moe_intermediate_size=cfg.moe_ffn_hidden_size,
+        num_experts_per_tok=cfg.moe_router_topk,
+        n_routed_experts=cfg.num_experts,
+        routed_scaling_factor=1.0,
+        n_group=1,
+        topk_group=1,
+        norm_topk_prob=True,
+        sliding_window=cfg.sliding_window + 1,
+        layer_types=[kind.value for kind in cfg.layer_types()],
+        mlp_layer_types=[HF_SPARSE if cfg.is_moe(i) else HF_DENSE for i in range(cfg.num_layers)],
+        attention_value_scale=cfg.attention_value_scale,
+    )
+
+
+def hf_config_to_mimo(hf_config: Union[Mapping[str, Any], Any], base: ModelConfig = ModelConfig()) -> ModelConfig:
+    """The mimo ModelConfig of an HF MiMo-V2-Flash config (a ``MiMoV2FlashConfig`` or its keyword arguments).
+
+    The architecture comes from HF; training-only settings (MTP blocks and loss weight, MoE balancing, dispatcher,
+    init std, name) come from ``base``: HF configs do not carry them, and the Hub's initializer_range (0.02) is a
+    library default, not the 0.006 MiMo was trained with.
+    """
+    if isinstance(hf_config, Mapping):
+        from transformers import MiMoV2FlashConfig
+
+        hf_config = MiMoV2FlashConfig(**hf_config)
+    mlp_types = list(hf_config.mlp_layer_types)
+    num_dense = next((i for i, kind in enumerate(mlp_types) if kind == HF_SPARSE), len(mlp_types))
+    if any(kind != HF_SPARSE for kind in mlp_types[num_dense:]):
+        raise HFMappingError(f"mlp_layer_types={mlp_types}: mimo needs all dense layers first, then only MoE layers")
+    ropes = hf_config.rope_parameters
+    kinds = {kind.value for kind in AttentionType}
+    if set(ropes) != kinds or any(ropes[k].get("rope_type", HF_DEFAULT_ROPE_TYPE) != HF_DEFAULT_ROPE_TYPE for k in kinds):
+        raise HFMappingError(f"rope_parameters={ropes}: mimo supports plain RoPE ('default') for both layer types")
+    factors = {ropes[k]["partial_rotary_factor"] for k in kinds}
+    if len(factors) != 1:
+        raise HFMappingError(f"rope_parameters={ropes}: mimo needs one partial_rotary_factor for both layer types")
+    unsupported = {
+        "routed_scaling_factor": (hf_config.routed_scaling_factor, 1.0),
+        "n_group": (hf_config.n_group, 1),
+        "topk_group": (hf_config.topk_group, 1),
+        "norm_topk_prob": (hf_config.norm_topk_prob, True),
+        "tie_word_embeddings": (hf_config.tie_word_embeddings, False),
+        "attention_bias": (hf_config.attention_bias, False),
+        "hidden_act": (hf_config.hidden_act, "silu"),
+    }
+    for key, (value, wanted) in unsupported.items():
+        if value != wanted:
+            raise HFMappingError(f"HF config {key}={value}: mimo's MiMo-V2-Flash supports only {wanted}")
+    value_scale = hf_config.attention_value_scale
+    return dataclasses.replace(
+        base,
+        num_layers=hf_config.num_hidden_layers,
+        hidden_size=hf_config.hidden_size,
+        vocab_size=hf_config.vocab_size,
+        num_attention_heads=hf_config.num_attention_heads,
+        num_key_value_heads=hf_config.num_key_value_heads,
+        swa_num_key_value_heads=2 * hf_config.num_key_value_heads,
+        head_dim=hf_config.head_dim,
+        v_head_dim=hf_config.v_head_dim,
+        partial_rotary_factor=factors.pop(),
+        rope_theta=ropes[AttentionType.GLOBAL.value]["rope_theta"],
+        swa_rope_theta=ropes[AttentionType.SLIDING.value]["rope_theta"],
+        sliding_window=hf_config.sliding_window - 1,
+        hybrid_layer_pattern=[int(AttentionType(kind) is AttentionType.SLIDING) for kind in hf_config.layer_types],
+        add_swa_attention_sink_bias=True,
+        add_full_attention_sink_bias=False,
+        attention_value_scale=1.0 if value_scale is None else value_scale,
+        num_dense_layers=num_dense,
+        ffn_hidden_size=hf_config.intermediate_size,
+        num_experts=hf_config.n_routed_experts,
+        moe_ffn_hidden_size=hf_config.moe_intermediate_size,
+        moe_router_topk=hf_config.num_experts_per_tok,
+        layernorm_epsilon=hf_config.rms_norm_eps,
+        max_position_embeddings=hf_config.max_position_embeddings,
+        untie_embeddings_and_output_weights=True,
+    ).validate()

@@ -1,0 +1,160 @@
+"""The mimo model computes what transformers' MiMoV2FlashForCausalLM computes, on the same (Hub-named) weights.
+
+The reference model is random and small but has every feature: GA and SWA layers, sinks (nonzero), value scale,
+partial RoPE with two bases, a dense layer then MoE layers with a nonzero expert-bias, untied head, and
+sequences longer than the window. Its weights go through ``save_pretrained`` so the mapping reads real Hub names.
+"""
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import MiMoV2FlashConfig, MiMoV2FlashForCausalLM, MiMoV2FlashModel
+from transformers.models.mimo_v2_flash.modeling_mimo_v2_flash import MiMoV2FlashRMSNorm
+
+from mimo.model.builder import build_model
+from mimo.model.config import ModelConfig, PrecisionConfig
+from mimo.model.hf_mapping import hf_config_to_mimo, hf_to_mimo, mimo_config_to_hf, mimo_to_hf
+from mimo.parallel.config import ParallelConfig
+from mimo.parallel.runtime import initialize, shutdown
+
+SEQ = 40
+BATCH = 2
+TOLERANCE = 1e-4
+FULL, SLIDING = "full_attention", "sliding_attention"
+HF_TINY = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=24,
+    v_head_dim=16,
+    moe_intermediate_size=32,
+    num_experts_per_tok=2,
+    n_routed_experts=8,
+    sliding_window=9,
+    layer_types=[FULL, SLIDING, SLIDING, FULL],
+    mlp_layer_types=["dense", "sparse", "sparse", "sparse"],
+    rope_parameters={
+        FULL: {"rope_type": "default", "rope_theta": 640_000.0, "partial_rotary_factor": 0.334},
+        SLIDING: {"rope_type": "default", "rope_theta": 10_000.0, "partial_rotary_factor": 0.334},
+    },
+    initializer_range=0.1,
+    attention_value_scale=0.707,
+    max_position_embeddings=512,
+)
+
+
+@pytest.fixture(scope="module")
+def single_rank():
+    initialize(ParallelConfig(), ModelConfig(), seed=3, global_batch_size=BATCH, micro_batch_size=BATCH, seq_length=SEQ)
+    yield
+    shutdown()
+
+
+@pytest.fixture(scope="module")
+def hf_model():
+    torch.manual_seed(0)
+    model = MiMoV2FlashForCausalLM(MiMoV2FlashConfig(**HF_TINY)).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            if layer.self_attn.sinks is not None:
+                layer.self_attn.sinks.normal_(0.0, 1.0)
+            if hasattr(layer.mlp, "gate"):
+                layer.mlp.gate.e_score_correction_bias.normal_(0.0, 0.05)
+    return model
+
+
+@pytest.fixture(scope="module")
+def hub_tensors(hf_model, tmp_path_factory):
+    """The reference weights in Hub naming, as ``save_pretrained`` writes them."""
+    directory = tmp_path_factory.mktemp("hf")
+    hf_model.save_pretrained(directory)
+    return load_file(str(directory / "model.safetensors"))
+
+
+def mimo_from_hub(cfg: ModelConfig, tensors) -> torch.nn.Module:
+    model = build_model(cfg, ParallelConfig(), PrecisionConfig(), seq_length=SEQ)[0]
+    missing, unexpected = model.load_state_dict(dict(hf_to_mimo(tensors.items(), cfg)), strict=False)
+    assert unexpected == []
+    assert [key for key in missing if not key.endswith("_extra_state")] == []
+    return model.eval()
+
+
+def test_logits_match_transformers(single_rank, hf_model, hub_tensors):
+    cfg = hf_config_to_mimo(hf_model.config, base=ModelConfig(mtp_num_layers=0))
+    assert cfg.sliding_window + 1 == HF_TINY["sliding_window"] and cfg.sliding_window < SEQ
+    model = mimo_from_hub(cfg, hub_tensors)
+    ids = torch.randint(0, cfg.vocab_size, (BATCH, SEQ), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = hf_model(ids).logits
+        actual = model(ids, None, None)
+        assert (actual - expected).abs().max().item() <= TOLERANCE
+        # Packed documents: positions restart mid-sequence and RoPE follows them. (An explicit all-ones mask
+        # stops transformers from also masking attention across documents, which mimo does not do.)
+        positions = torch.cat([torch.arange(SEQ // 2), torch.arange(SEQ - SEQ // 2)]).expand(BATCH, SEQ)
+        expected_packed = hf_model(ids, position_ids=positions, attention_mask=torch.ones(BATCH, SEQ)).logits
+        assert (expected_packed - expected).abs().max().item() > 1e-2
+        assert (model(ids, positions, None) - expected_packed).abs().max().item() <= TOLERANCE
+
+
+def test_mtp_block_matches_reference_built_from_transformers_modules(single_rank, hf_model, hub_tensors):
+    """MTP depth 1: final_norm(layer(eh_proj([enorm(emb(t[i+1])); hnorm(h_i)]))), layer = dense-FFN SWA + sink."""
+    torch.manual_seed(5)
+    body_config = MiMoV2FlashConfig(
+        **{**HF_TINY, "num_hidden_layers": 1, "layer_types": [SLIDING], "mlp_layer_types": ["dense"]}
+    )
+    body = MiMoV2FlashModel(body_config).eval()  # layers[0] is the MTP layer, norm its final_layernorm
+    hidden = HF_TINY["hidden_size"]
+    enorm, hnorm = MiMoV2FlashRMSNorm(hidden, 1e-5), MiMoV2FlashRMSNorm(hidden, 1e-5)
+    eh_proj = torch.nn.Linear(2 * hidden, hidden, bias=False)
+    with torch.no_grad():
+        for norm in (enorm, hnorm, body.norm, body.layers[0].input_layernorm, body.layers[0].post_attention_layernorm):
+            norm.weight.uniform_(0.5, 1.5)
+        body.layers[0].self_attn.sinks.normal_(0.0, 1.0)
+    layer = body.layers[0]
+    prefix = "model.mtp.layers.0."
+    mtp_tensors = {
+        f"{prefix}enorm.weight": enorm.weight,
+        f"{prefix}hnorm.weight": hnorm.weight,
+        f"{prefix}eh_proj.weight": eh_proj.weight,
+        f"{prefix}final_layernorm.weight": body.norm.weight,
+        f"{prefix}input_layernorm.weight": layer.input_layernorm.weight,
+        f"{prefix}pre_mlp_layernorm.weight": layer.post_attention_layernorm.weight,
+        f"{prefix}self_attn.attention_sink_bias": layer.self_attn.sinks,
+        **{f"{prefix}self_attn.{p}_proj.weight": getattr(layer.self_attn, f"{p}_proj").weight for p in "qkvo"},
+        **{f"{prefix}mlp.{p}_proj.weight": getattr(layer.mlp, f"{p}_proj").weight for p in ("gate", "up", "down")},
+    }
+    cfg = hf_config_to_mimo(hf_model.config, base=ModelConfig(mtp_num_layers=1))
+    model = mimo_from_hub(cfg, {**hub_tensors, **{k: v.detach() for k, v in mtp_tensors.items()}})
+    captured = {}
+    model.mtp.register_forward_hook(lambda module, args, output: captured.setdefault("out", output))
+    ids = torch.randint(0, cfg.vocab_size, (BATCH, SEQ), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        model(ids, None, None, labels=ids)
+        mtp_hidden = captured["out"][SEQ:].transpose(0, 1)  # main and MTP hidden states are concatenated on s
+        main_hidden = hf_model.model(ids).last_hidden_state
+        fused = eh_proj(torch.cat([enorm(hf_model.model.embed_tokens(ids[:, 1:])), hnorm(main_hidden[:, :-1])], -1))
+        expected = body(inputs_embeds=fused).last_hidden_state
+    # The last position sees a rolled-in padding token instead of t[s]; it has no target anyway.
+    assert (mtp_hidden[:, : SEQ - 1] - expected).abs().max().item() <= TOLERANCE
+
+
+def test_export_round_trip_loads_into_transformers(single_rank, tmp_path):
+    cfg = ModelConfig(num_layers=3, hybrid_layer_pattern=[0, 1, 1], vocab_size=256, mtp_num_layers=1).validate()
+    model = build_model(cfg, ParallelConfig(), PrecisionConfig(), seq_length=SEQ)[0]
+    state = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    exported = dict(mimo_to_hf(state.items(), cfg))
+    back = dict(hf_to_mimo(exported.items(), cfg))
+    assert back.keys() == state.keys()
+    assert all(torch.equal(back[key], state[key]) for key in state)
+
+    save_file({k: v.contiguous() for k, v in exported.items()}, str(tmp_path / "model.safetensors"))
+    MiMoV2FlashConfig(**mimo_config_to_hf(cfg)).save_pretrained(tmp_path)
+    loaded = MiMoV2FlashForCausalLM.from_pretrained(tmp_path)
+    loaded.save_pretrained(tmp_path / "resaved")
+    resaved = load_file(str(tmp_path / "resaved" / "model.safetensors"))
+    main_keys = {key for key in exported if not key.startswith("model.mtp.")}
+    assert resaved.keys() == main_keys
+    assert all(torch.equal(resaved[key], exported[key]) for key in main_keys)
