@@ -18,7 +18,7 @@ import numpy
 from mimo.data.config import DataConfig, LongDocConfig
 from mimo.data.distributed import rank_zero_first
 from mimo.data.errors import DataError
-from mimo.data.indexed import is_complete, open_indexed, token_dtype, write_indexed
+from mimo.data.indexed import document_lengths, is_complete, open_indexed, token_dtype, write_indexed
 from mimo.data.shipped_corpus import shipped_corpus_path
 from mimo.data.tokenizer import MimoTokenizer, encode_documents
 
@@ -98,11 +98,12 @@ def _materialise_shipped(cache_dir: Path, tokenizer: MimoTokenizer) -> str:
 
 def _add_long_documents(blend: Blend, long_docs: LongDocConfig, cache_dir: Path) -> Blend:
     """Adds each dataset's long-document subset with ``long_docs.weight`` of the mass, split between
-    the subsets like the original weights; the original datasets keep the rest."""
+    the subsets like the original weights (token counts when the blend has none); the original
+    datasets keep the rest."""
     if not 0 < long_docs.weight < 1:
         raise DataError(f"data.long_docs.weight is {long_docs.weight}; it is the share of samples drawn "
                         f"from long documents, so it must lie strictly between 0 and 1")
-    base = blend.weights or [float(len(open_indexed(prefix).index)) for prefix in blend.prefixes]
+    base = blend.weights or [float(document_lengths(prefix).sum()) for prefix in blend.prefixes]
     total = sum(base)
     subsets, subset_weights, subset_names = [], [], []
     for prefix, weight, name in zip(blend.prefixes, base, blend.names):

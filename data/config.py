@@ -62,3 +62,33 @@ class TokenizerTrainingConfig:
     eod_token: str = "<|endoftext|>"
     pad_token: str = "<|pad|>"
     """A pad id distinct from EOD, so megatron never mistakes real end-of-document tokens for padding."""
+
+
+@dataclass
+class PreprocessConfig:
+    """Options of ``mimo-preprocess`` (mimo.data.preprocess)."""
+
+    inputs: List[str] = field(default_factory=list)
+    """Files or directories: JSON Lines (.jsonl/.json, optionally .gz), Parquet, Arrow, plain text."""
+    tokenizer: Optional[str] = None
+    """A local Hugging Face tokenizer directory; None: the tokenizer shipped with mimo."""
+    output: str = ""
+    """Output prefix: writes <output>.bin/.idx (or a blend of shards) and <output>.stats.json."""
+    text_field: str = "text"
+    """The field/column holding the text (JSON Lines, Parquet, Arrow)."""
+    format: str = "auto"
+    """auto (by file extension) | jsonl | parquet | arrow | text (one document per file)."""
+    workers: int = 0
+    """Tokenizing processes; 0: one per CPU core."""
+    shard_documents: int = 5000
+    """Input records per shard: the unit of parallel work, of resumption and of the written files."""
+    read_batch: int = 1000
+    """Records pulled from a Hugging Face dataset per read."""
+    in_flight_per_worker: int = 2
+    """Shards queued per worker; bounds memory to about workers * this * shard_documents records."""
+    merge: bool = True
+    """Merge the shards into one dataset; False lists them as a blend in <output>.blend.txt."""
+    keep_shards: bool = False
+    """Keep the shard files after merging (they make an identical re-run instant)."""
+    examples_per_reason: int = 3
+    """Locations reported for each kind of skipped record."""

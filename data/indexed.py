@@ -4,6 +4,7 @@ A dataset is complete exactly when its .idx exists: the .bin is written first an
 renamed into place from temporary names, so an interrupted writer never leaves a pair that looks done.
 """
 
+import gc
 import os
 import struct
 from pathlib import Path
@@ -47,6 +48,9 @@ def write_indexed(prefix: str, documents: Iterable[Sequence[int]], dtype: type) 
 
 def merge_indexed(prefix: str, parts: Sequence[str], dtype: type) -> None:
     """Concatenates finished datasets, in order, into one (atomically, like write_indexed)."""
+    # IndexedDatasetBuilder.add_index runs gc.collect() per part, which walks every object torch and
+    # friends allocated at import (a quarter second each here); frozen objects are skipped.
+    gc.freeze()
     tmp_prefix = prefix + TMP_SUFFIX
     builder = IndexedDatasetBuilder(get_bin_path(tmp_prefix), dtype=dtype)
     for part in parts:
@@ -78,3 +82,12 @@ def open_indexed(prefix: str) -> IndexedDataset:
                         f"does not match (truncated copy or mixed-up files); re-create it with mimo-preprocess")
     return dataset
 
+
+
+def document_lengths(prefix: str) -> numpy.ndarray:
+    """A copy of the per-document token counts: the index arrays are views into a memory map that
+    is closed when the IndexedDataset is collected, so they must not outlive it."""
+    dataset = open_indexed(prefix)
+    lengths = numpy.array(dataset.index.sequence_lengths)
+    del dataset
+    return lengths
