@@ -14,7 +14,7 @@ a global layer's query at position p sees p + 1 keys, a sliding-window one min(w
 """
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 from mimo.model.config import AttentionType, ModelConfig
 
@@ -71,6 +71,8 @@ class FlopsPerToken:
     routers: float
     lm_head: float
     mtp: float
+    """MTP blocks' products except attention scores: eh_proj, attention projections, FFN, their LM-head pass."""
+    mtp_attention_scores: float
 
     @property
     def forward(self) -> float:
@@ -82,6 +84,7 @@ class FlopsPerToken:
             + self.routers
             + self.lm_head
             + self.mtp
+            + self.mtp_attention_scores
         )
 
     @property
@@ -137,7 +140,7 @@ def mean_visible_keys(seq_length: int, window: Optional[int]) -> float:
     return (span * (span + 1) / 2 + (seq_length - span) * span) / seq_length
 
 
-def _attention_flops(cfg: ModelConfig, kind: AttentionType, seq_length: int) -> tuple:
+def _attention_flops(cfg: ModelConfig, kind: AttentionType, seq_length: int) -> Tuple[float, float]:
     """(projection, score) forward FLOPs per token of one attention layer."""
     projections = attention_parameters(cfg, kind) - (cfg.num_attention_heads if cfg.has_sink(kind) else 0)
     scores = cfg.num_attention_heads * (cfg.head_dim + cfg.v_head_dim) * mean_visible_keys(seq_length, cfg.window(kind))
@@ -156,7 +159,6 @@ def flops_per_token(cfg: ModelConfig, seq_length: int) -> FlopsPerToken:
     mtp_block = (
         FLOPS_PER_MAC * 2 * hidden * hidden
         + mtp_projection
-        + mtp_scores
         + FLOPS_PER_MAC * mlp_parameters(hidden, cfg.ffn_hidden_size)
         + lm_head
     )
@@ -168,4 +170,5 @@ def flops_per_token(cfg: ModelConfig, seq_length: int) -> FlopsPerToken:
         routers=FLOPS_PER_MAC * cfg.num_moe_layers * cfg.num_experts * hidden,
         lm_head=lm_head,
         mtp=cfg.mtp_num_layers * mtp_block,
+        mtp_attention_scores=cfg.mtp_num_layers * mtp_scores,
     )

@@ -79,7 +79,8 @@ def sliding_window_attention(
     if sink is not None:
         sink_logits = sink.to(scores.dtype).view(1, groups, heads // groups, 1, 1, 1)
         scores = torch.cat([scores, sink_logits.expand(*scores.shape[:-1], 1)], dim=-1)
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
+    # At least FP32 for the softmax, whatever the input precision.
+    probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32))
     if sink is not None:
         probs = probs[..., :-1]
     out = torch.matmul(probs.to(value.dtype), values.transpose(-1, -2).unsqueeze(2))  # [b, g, h/g, nb, block, dv]
