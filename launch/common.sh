@@ -39,8 +39,11 @@ mimo_plan() {
         --gpu "$MIMO_GPU" --mfu "$MIMO_MFU" "$@" || status=$?
     if [ "$status" -eq 1 ] && [ "${MIMO_IGNORE_PLAN:-0}" = 1 ]; then
         echo "warning: mimo-plan refused this layout; launching anyway because MIMO_IGNORE_PLAN=1" >&2
+    elif [ "$status" -eq 1 ]; then
+        echo "error: mimo-plan refused this layout (see above); change it, or set MIMO_IGNORE_PLAN=1 to launch anyway" >&2
+        exit 1
     elif [ "$status" -ne 0 ]; then
-        echo "error: mimo-plan refused the recipe (exit $status); fix it, or set MIMO_IGNORE_PLAN=1 to launch a layout it says does not fit" >&2
+        echo "error: the recipe or its overrides are invalid (see above); nothing was launched" >&2
         exit "$status"
     fi
 }

@@ -49,9 +49,10 @@ stop_trainers() {
     if [ "$stopping" -eq 0 ]; then
         stopping=1
         echo "stopping: asking the trainer on every host to checkpoint and exit"
-        # The pattern is the trainer's own command line, which only its ranks have.
+        # The pattern matches the trainer's own command line, which only its ranks have; the brackets keep it
+        # from matching the remote shell that runs pkill.
         pdsh -w "$(echo "$hosts" | paste -sd, -)" \
-            "pkill -TERM -f -- '-m mimo.train --config-name $recipe'" || true
+            "pkill -TERM -f -- '[-]m mimo[.]train --config-name $recipe'" || true
     fi
 }
 trap stop_trainers TERM INT
