@@ -13,6 +13,7 @@ import os
 import pytest
 import torch
 import torch.multiprocessing as mp
+from megatron.core import dist_checkpointing
 from safetensors.torch import load_file, save_file
 from transformers import MiMoV2FlashConfig, MiMoV2FlashForCausalLM, MiMoV2FlashModel
 from transformers.models.mimo_v2_flash.modeling_mimo_v2_flash import MiMoV2FlashRMSNorm
@@ -149,6 +150,9 @@ def test_mtp_block_matches_reference_built_from_transformers_modules(single_rank
         expected = body(inputs_embeds=fused).last_hidden_state
     # The last position sees a rolled-in padding token instead of t[s]; it has no target anyway.
     assert (mtp_hidden[:, : SEQ - 1] - expected).abs().max().item() <= TOLERANCE
+    # Without labels (evaluation) the model returns the main model's logits; MTP blocks only train.
+    with torch.no_grad():
+        assert (model(ids, None, None) - hf_model(ids).logits).abs().max().item() <= TOLERANCE
 
 
 def test_export_round_trip_loads_into_transformers(single_rank, tmp_path):
@@ -190,15 +194,20 @@ def _sharded_rank(rank: int, port: int, hub_path: str, out_dir: str) -> None:
         assert unexpected == [] and [key for key in missing if not key.endswith("_extra_state")] == []
         with torch.no_grad():
             logits = model(parity_ids(cfg.vocab_size), None, None, runtime_gather_output=True)
-        sink = model.sharded_state_dict()["decoder.layers.1.self_attention.core_attention.softmax_offset"]
+        sharded_state = model.sharded_state_dict()
+        sink = sharded_state["decoder.layers.1.self_attention.core_attention.softmax_offset"]
         torch.save({"logits": logits, "sink": (sink.global_shape, sink.global_offset)}, f"{out_dir}/rank{rank}.pt")
+        dist_checkpointing.save(sharded_state, f"{out_dir}/checkpoint")
     finally:
         shutdown()
 
 
-def test_tp2_ep2_logits_match_transformers(hf_model, hub_tensors, tmp_path):
+def test_tp2_ep2_logits_match_transformers_and_checkpoint_reshards_to_one_rank(
+    single_rank, hf_model, hub_tensors, tmp_path
+):
     hub_path = str(tmp_path / "hub.safetensors")
     save_file(dict(hub_tensors), hub_path)
+    (tmp_path / "checkpoint").mkdir()
     mp.spawn(_sharded_rank, args=(free_port(), hub_path, str(tmp_path)), nprocs=SHARDED_RANKS, join=True)
     with torch.no_grad():
         expected = hf_model(parity_ids(HF_TINY["vocab_size"])).logits
@@ -208,3 +217,10 @@ def test_tp2_ep2_logits_match_transformers(hf_model, hub_tensors, tmp_path):
         assert (result["logits"] - expected).abs().max().item() <= TOLERANCE
         # The sink is checkpointed as this rank's heads of one global [heads] tensor.
         assert result["sink"] == ((heads,), (rank * heads // SHARDED_RANKS,))
+
+    # The TP=2/EP=2 distributed checkpoint loads into a single-rank model (fused QKV, sinks, experts reshard).
+    cfg = hf_config_to_mimo(hf_model.config, base=ModelConfig(mtp_num_layers=0))
+    model = build_model(cfg, ParallelConfig(), PrecisionConfig(), seq_length=SEQ)[0].eval()
+    model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), str(tmp_path / "checkpoint")))
+    with torch.no_grad():
+        assert (model(parity_ids(cfg.vocab_size), None, None) - expected).abs().max().item() <= TOLERANCE
