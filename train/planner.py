@@ -620,19 +620,25 @@ def _schedule(cfg: MimoConfig, world_size: int) -> Tuple[Schedule, Optional[int]
     return schedule, unit
 
 
+def _override_key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
 def _stage_times(
     cfg: MimoConfig, world_size: int, gpu: GpuSpec, settings: PlannerSettings, overrides: Sequence[str]
 ) -> Tuple[StageTime, ...]:
-    """Every stage of the schedule, each estimated from its own recipe (with the same overrides) when the
-    schedule names one, else from this recipe."""
+    """Every stage of the schedule, each estimated from its own recipe when the schedule names one (with this
+    run's overrides, except those the stage's recipe entry sets itself), else from this recipe."""
     schedule, _ = _schedule(cfg, world_size)
     times = []
     for stage in cfg.schedule.stages:
         stage_cfg = cfg
         if stage.recipe and stage.name != schedule.stage:
             name, *stage_overrides = stage.recipe.split()
+            own_keys = {_override_key(item) for item in stage_overrides}
+            shared = [item for item in overrides if _override_key(item) not in own_keys]
             try:
-                stage_cfg = load_config([*stage_overrides, *overrides], config_name=name)
+                stage_cfg = load_config([*shared, *stage_overrides], config_name=name)
             except ConfigError as err:
                 raise PlanError(
                     f"schedule stage {stage.name!r} names recipe {stage.recipe!r}, which fails: {err}"
@@ -732,6 +738,14 @@ def _tokens(value: float) -> str:
     return f"{value:.0f}"
 
 
+def _count(value: float) -> str:
+    """Parameter counts as the report writes them: 309.11B, 1.23M."""
+    for suffix, size in (("B", 10**9), ("M", 10**6), ("K", 10**3)):
+        if value >= size:
+            return f"{value / size:.2f}{suffix}"
+    return f"{value:.0f}"
+
+
 def _layers(layers: Sequence[int]) -> str:
     if not layers:
         return "-"
@@ -763,8 +777,8 @@ def format_plan(plan: Plan) -> str:
         f"  |  dp {lay.dp}  expert-dp {lay.expert_dp}  |  sequence parallel {'on' if lay.sequence_parallel else 'off'}",
         f"           {lay.num_microbatches} micro-batches per rank per step at the full batch",
         f"recompute  {_describe_recompute(plan.recompute)}",
-        f"model      {plan.params.total / 1e9:.2f}B parameters ({plan.params.mtp / 1e9:.2f}B of them MTP),"
-        f" {plan.params.active / 1e9:.2f}B active per token",
+        f"model      {_count(plan.params.total)} parameters ({_count(plan.params.mtp)} of them MTP),"
+        f" {_count(plan.params.active)} active per token",
         "",
     ]
     stages = plan.memory.stages
