@@ -1,7 +1,7 @@
 """Turns the mimo configs into megatron-core objects: the TransformerConfig and the model chunks of this rank.
 
-The TransformerConfig is one object shared by every module of every chunk. The training loop changes three of
-its fields while running (``mtp_loss_scaling_factor``, ``moe_router_bias_update_rate``, ``moe_aux_loss_coeff``)
+The TransformerConfig is one object shared by the modules of every chunk (megatron's expert MLPs and mimo's core
+attention hold copies with static shape fields changed). The training loop changes three of its fields while running (``mtp_loss_scaling_factor``, ``moe_router_bias_update_rate``, ``moe_aux_loss_coeff``)
 and megatron-core 0.16.1 reads each of them from that shared object at run time: GPTModel for the MTP loss scale,
 the router for the aux-loss coefficient, ``finalize_model_grads`` for the bias update. (MultiTokenPredictionBlock
 copies ``mtp_loss_scaling_factor`` into an attribute at construction but never reads that copy.)
@@ -127,15 +127,15 @@ def build_model(
             f"seq_length={seq_length} exceeds model.max_position_embeddings={model_cfg.max_position_embeddings};"
             " shorten the sequences or raise model.max_position_embeddings"
         )
-    _check_parallel_state(parallel_cfg)
     if parallel_cfg.cp > 1:
         raise ModelConfigError(
             f"parallel.cp={parallel_cfg.cp}: MiMo attention (sinks, sliding windows) has no context-parallel"
             " implementation yet; set parallel.cp=1"
         )
-    if precision.fp8 and not resolve_use_te(use_te):
-        raise ModelConfigError(f"precision.fp8={precision.fp8} needs Transformer Engine on a GPU; set precision.fp8=null")
     use_te = resolve_use_te(use_te)
+    if precision.fp8 and not use_te:
+        raise ModelConfigError(f"precision.fp8={precision.fp8} needs Transformer Engine on a GPU; set precision.fp8=null")
+    _check_parallel_state(parallel_cfg)
     config = transformer_config(model_cfg, parallel_cfg, precision)
     stages = range(parallel_cfg.vpp) if parallel_cfg.vpp else [None]
     return [

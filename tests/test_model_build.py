@@ -1,0 +1,89 @@
+"""build_model / transformer_config: one live TransformerConfig, and refusals with actionable messages."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from megatron.core.transformer.moe.moe_layer import MoELayer
+from megatron.core.transformer.moe.router import TopKRouter
+from megatron.core.transformer.multi_token_prediction import MultiTokenPredictionBlock, MultiTokenPredictionLayer
+from megatron.core.transformer.transformer_layer import TransformerLayer
+
+from mimo.model.builder import build_model
+from mimo.model.config import ModelConfigError, PrecisionConfig
+from mimo.model.core_attention import LocalCoreAttention
+from mimo.parallel.config import ParallelConfig
+from mimo.parallel.runtime import initialize, shutdown
+from mimo.recipes import load_config
+
+SEQ = 32
+BATCH = 2
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_config().model
+
+
+@pytest.fixture(scope="module")
+def single_rank(tiny):
+    initialize(ParallelConfig(), tiny, seed=0, global_batch_size=BATCH, micro_batch_size=BATCH, seq_length=SEQ)
+    yield
+    shutdown()
+
+
+def test_modules_that_read_training_knobs_share_the_live_config(single_rank, tiny):
+    """Routers (aux-loss coefficient), MoE layers and MTP read the config the training loop mutates; core
+    attention holds a per-layer copy of static shape fields (as megatron's experts do)."""
+    model = build_model(tiny, ParallelConfig(), PrecisionConfig(), seq_length=SEQ)[0]
+    readers = (TopKRouter, MoELayer, MultiTokenPredictionBlock, MultiTokenPredictionLayer, TransformerLayer)
+    modules = [module for module in model.modules() if isinstance(module, readers)]
+    assert {type(module) for module in modules} == set(readers)
+    assert all(module.config is model.config for module in modules)
+    cores = [module for module in model.modules() if isinstance(module, LocalCoreAttention)]
+    assert len(cores) == tiny.num_layers + tiny.mtp_num_layers
+    assert all(core.config is not model.config for core in cores)
+
+
+def mtp_and_router_grads(model, ids):
+    model.zero_grad()
+    model(ids, None, None, labels=ids).mean().backward()
+    return (
+        model.mtp.layers[0].eh_proj.weight.grad.clone(),
+        model.decoder.layers[1].mlp.router.weight.grad.clone(),
+    )
+
+
+def test_training_knobs_changed_on_the_config_take_effect(single_rank, tiny):
+    model = build_model(tiny, ParallelConfig(), PrecisionConfig(), seq_length=SEQ)[0].train()
+    ids = torch.randint(0, tiny.vocab_size, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
+    mtp_grad, router_grad = mtp_and_router_grads(model, ids)
+    model.config.mtp_loss_scaling_factor *= 2
+    model.config.moe_aux_loss_coeff = 1.0
+    doubled_mtp_grad, aux_router_grad = mtp_and_router_grads(model, ids)
+    assert torch.allclose(doubled_mtp_grad, 2 * mtp_grad, rtol=1e-4, atol=1e-9)
+    assert not torch.allclose(aux_router_grad, router_grad)
+
+
+@pytest.mark.parametrize(
+    "parallel, precision, seq, message",
+    [
+        (ParallelConfig(cp=2), PrecisionConfig(), SEQ, "parallel.cp"),
+        (ParallelConfig(), PrecisionConfig(dtype="bf16", fp8="blockwise"), SEQ, "precision.fp8"),
+        (ParallelConfig(), PrecisionConfig(), 10**6, "max_position_embeddings"),
+    ],
+)
+def test_unsupported_builds_are_refused(tiny, parallel, precision, seq, message):
+    with pytest.raises(ModelConfigError, match=message):
+        build_model(tiny, parallel, precision, seq_length=seq, use_te=False)
+
+
+def test_layout_must_match_the_initialised_parallel_state(single_rank, tiny):
+    with pytest.raises(RuntimeError, match="parallel state"):
+        build_model(tiny, ParallelConfig(tp=2), PrecisionConfig(), seq_length=SEQ)
+
+
+def test_grouped_gemm_needs_transformer_engine(single_rank, tiny):
+    with pytest.raises(ValueError, match="moe_grouped_gemm"):
+        build_model(dataclasses.replace(tiny, moe_grouped_gemm=True), ParallelConfig(), PrecisionConfig(), seq_length=SEQ)
