@@ -21,6 +21,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.validation import StrictHandling
+from megatron.core.distributed import DistributedDataParallel
 from megatron.core.optimizer import MegatronOptimizer
 
 from mimo.model.config import ModelConfig
@@ -111,10 +112,15 @@ def check_model_compatible(meta: Dict[str, Any], model: ModelConfig, path: Path)
         )
 
 
+def _unwrapped(chunk: torch.nn.Module) -> torch.nn.Module:
+    """Checkpoints hold the model's own names, not those of the data-parallel wrapper around it."""
+    return chunk.module if isinstance(chunk, DistributedDataParallel) else chunk
+
+
 def _model_sharded_state_dict(model_chunks: Sequence[torch.nn.Module]) -> Dict[str, Any]:
     # Layer keys inside are global (megatron offsets them per pipeline stage), so the nesting by chunk does
     # not tie the checkpoint to a pipeline layout.
-    return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(model_chunks)}
+    return {f"model{i}": _unwrapped(chunk).sharded_state_dict() for i, chunk in enumerate(model_chunks)}
 
 
 def _rng_state() -> Dict[str, Any]:
@@ -223,6 +229,7 @@ def load_checkpoint(
 
     sharded = _model_sharded_state_dict(model_chunks)
     if load_optimizer:
+        _allocate_optimizer_state(optimizer)
         content_metadata = dist_checkpointing.load_content_metadata(str(path)) or OPTIMIZER_SHARDING
         sharded["optimizer"] = optimizer.sharded_state_dict(
             sharded, is_loading=True, metadata=content_metadata
@@ -238,7 +245,7 @@ def load_checkpoint(
         ) from err
 
     for i, chunk in enumerate(model_chunks):
-        chunk.load_state_dict(loaded[f"model{i}"])
+        _unwrapped(chunk).load_state_dict(loaded[f"model{i}"])
     if load_optimizer:
         optimizer.load_state_dict(loaded["optimizer"])
     if same_layout:
@@ -246,6 +253,20 @@ def load_checkpoint(
     return TrainState(
         step=meta["step"], consumed_samples=meta["consumed_samples"], consumed_tokens=meta["consumed_tokens"]
     )
+
+
+def _allocate_optimizer_state(optimizer: MegatronOptimizer) -> None:
+    """Give a fresh optimizer the state tensors a checkpoint is loaded into.
+
+    Torch's Adam creates its moments and step counter lazily at the first step, but megatron's distributed
+    optimizer describes (and asserts) them when building the state dict to load into.
+    """
+    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = part.optimizer
+        part.init_state_fn(inner, part.config)
+        for group in inner.param_groups:
+            for param in group["params"]:
+                inner.state[param].setdefault("step", torch.zeros((), dtype=torch.float32))
 
 
 def describe_layout_change(meta_layout: Dict[str, Any], layout: Dict[str, Any]) -> List[str]:

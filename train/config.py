@@ -19,6 +19,9 @@ class TrainConfig:
     micro_batch_size: int = 4
     """Sequences per forward/backward pass on one rank."""
     seq_length: int = 128
+    stop_after_steps: Optional[int] = None
+    """Stop (after saving a checkpoint) once the run has reached this step, while every schedule still follows
+    train.steps: for jobs sliced by a time limit, and for resume tests."""
 
 
 @dataclass

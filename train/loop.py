@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Iterator, List, Optional, Sequence
 
 import torch
+from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig, get_megatron_optimizer
 from megatron.core.transformer import TransformerConfig
@@ -17,8 +18,9 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from mimo.data import build_data_iterators, build_tokenizer, check_vocab
-from mimo.model import build_model
-from mimo.model.accounting import describe_model
+from mimo.model.accounting import flops_per_token, parameter_counts
+from mimo.model.builder import build_model
+from mimo.model.config import ModelConfig
 from mimo.parallel.runtime import Runtime, initialize, shutdown
 from mimo.recipes import MimoConfig, to_yaml
 from mimo.train.checkpoint import (
@@ -51,10 +53,22 @@ class RunSummary:
     resumed_from: Optional[str]
 
 
+def describe_model(model: ModelConfig, seq_length: int) -> str:
+    params = parameter_counts(model)
+    flops = flops_per_token(model, seq_length)
+    return (
+        f"model {model.name}: {params.total / 1e6:,.2f}M parameters ({params.mtp / 1e6:,.2f}M in MTP), "
+        f"{params.active / 1e6:,.2f}M active per token (embedding and head included), "
+        f"{flops.training / 1e6:,.2f} MFLOP per token per training step at sequence length {seq_length}"
+    )
+
+
 def setup_logging(is_main: bool) -> None:
+    """mimo's own lines on the main rank only; megatron-core's INFO chatter (bucket listings, dataset index
+    building) is kept to warnings so the per-step lines stay readable."""
     level = logging.INFO if is_main else logging.WARNING
-    logging.basicConfig(level=level, format="[mimo %(asctime)s] %(message)s", datefmt="%H:%M:%S", force=True)
-    logger.setLevel(level)
+    logging.basicConfig(level=logging.WARNING, format="[mimo %(asctime)s] %(message)s", datefmt="%H:%M:%S", force=True)
+    logging.getLogger("mimo").setLevel(level)
 
 
 def layout_record(cfg: MimoConfig, runtime: Runtime) -> dict:
@@ -69,7 +83,7 @@ def layout_record(cfg: MimoConfig, runtime: Runtime) -> dict:
         "cp": cfg.parallel.cp,
         "dp": runtime.layout.dp,
         "micro_batch_size": cfg.train.micro_batch_size,
-        "distributed_optimizer": runtime.layout.distributed_optimizer,
+        "distributed_optimizer": cfg.parallel.distributed_optimizer,
     }
 
 
@@ -166,8 +180,8 @@ def run_training(cfg: MimoConfig) -> RunSummary:
 
         chunks = build_model(cfg.model, cfg.parallel, cfg.precision, seq_length=cfg.train.seq_length)
         config: TransformerConfig = chunks[0].config
-        chunks = wrap_ddp(chunks, config, runtime.layout.distributed_optimizer)
-        optimizer = build_optimizer(cfg, chunks, runtime.layout.distributed_optimizer)
+        chunks = wrap_ddp(chunks, config, cfg.parallel.distributed_optimizer)
+        optimizer = build_optimizer(cfg, chunks, cfg.parallel.distributed_optimizer)
         config.finalize_model_grads_func = finalize_model_grads
         config.grad_scale_func = optimizer.scale_loss
         config.no_sync_func = [chunk.no_sync for chunk in chunks] if len(chunks) > 1 else chunks[0].no_sync
@@ -185,7 +199,7 @@ def run_training(cfg: MimoConfig) -> RunSummary:
             micro_batch_size=cfg.train.micro_batch_size,
             train_samples=cfg.train.steps * cfg.train.global_batch_size,
             consumed_samples=state.consumed_samples,
-            dp_rank=runtime.layout.dp_rank,
+            dp_rank=parallel_state.get_data_parallel_rank(),
             dp_size=runtime.layout.dp,
             seed=cfg.run.seed,
         )
@@ -253,11 +267,15 @@ def _loop(cfg, runtime, chunks, optimizer, config, iterators, schedule, state, w
             interval_tokens, interval_start = 0, time.perf_counter()
 
         stopped = stop.agreed(runtime.device)
+        paused = state.step == cfg.train.stop_after_steps
         last = state.step == cfg.train.steps or schedule.finished(state.consumed_tokens)
-        if stopped or last or state.step % cfg.checkpoint.interval == 0:
+        if stopped or paused or last or state.step % cfg.checkpoint.interval == 0:
             save()
-        if stopped:
-            logger.warning("stopped at step %d on signal; rerun the same command to resume", state.step)
+        if stopped or paused:
+            logger.warning(
+                "stopped at step %d (%s); rerun the same command to resume",
+                state.step, "signal" if stopped else "train.stop_after_steps",
+            )
             break
     bar.close()
     return RunSummary(state, losses, grad_norms, stopped, resumed_from)
