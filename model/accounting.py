@@ -44,7 +44,13 @@ class ParameterCounts:
     @property
     def main(self) -> int:
         return (
-            self.embedding + self.output_layer + self.attention + self.dense_mlp + self.experts + self.routers + self.norms
+            self.embedding
+            + self.output_layer
+            + self.attention
+            + self.dense_mlp
+            + self.experts
+            + self.routers
+            + self.norms
         )
 
     @property
@@ -94,7 +100,9 @@ class FlopsPerToken:
 
 def attention_parameters(cfg: ModelConfig, kind: AttentionType) -> int:
     hidden, heads, kv = cfg.hidden_size, cfg.num_attention_heads, cfg.num_kv_heads(kind)
-    projections = hidden * (heads * cfg.head_dim + kv * cfg.head_dim + kv * cfg.v_head_dim) + heads * cfg.v_head_dim * hidden
+    projections = (
+        hidden * (heads * cfg.head_dim + kv * cfg.head_dim + kv * cfg.v_head_dim) + heads * cfg.v_head_dim * hidden
+    )
     return projections + (heads if cfg.has_sink(kind) else 0)
 
 
@@ -105,9 +113,11 @@ def mlp_parameters(hidden: int, width: int) -> int:
 def mtp_block_parameters(cfg: ModelConfig) -> int:
     """enorm + hnorm, eh_proj (2H -> H), one SWA layer with a dense FFN (two norms), final norm."""
     hidden = cfg.hidden_size
-    norms = 5 * hidden
+    enorm_hnorm, layer_norms, final_norm = 2 * hidden, 2 * hidden, hidden
     return (
-        norms
+        enorm_hnorm
+        + layer_norms
+        + final_norm
         + 2 * hidden * hidden
         + attention_parameters(cfg, AttentionType.SLIDING)
         + mlp_parameters(hidden, cfg.ffn_hidden_size)
@@ -166,7 +176,10 @@ def flops_per_token(cfg: ModelConfig, seq_length: int) -> FlopsPerToken:
         attention_projections=sum(projection for projection, _ in per_layer),
         attention_scores=sum(scores for _, scores in per_layer),
         dense_mlp=FLOPS_PER_MAC * cfg.num_dense_layers * mlp_parameters(hidden, cfg.ffn_hidden_size),
-        experts=FLOPS_PER_MAC * cfg.num_moe_layers * cfg.moe_router_topk * mlp_parameters(hidden, cfg.moe_ffn_hidden_size),
+        experts=FLOPS_PER_MAC
+        * cfg.num_moe_layers
+        * cfg.moe_router_topk
+        * mlp_parameters(hidden, cfg.moe_ffn_hidden_size),
         routers=FLOPS_PER_MAC * cfg.num_moe_layers * cfg.num_experts * hidden,
         lm_head=lm_head,
         mtp=cfg.mtp_num_layers * mtp_block,

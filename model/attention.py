@@ -191,7 +191,9 @@ class MimoAttention(MegatronModule):
         unsupported = {
             "attention_mask": attention_mask,
             "inference_context": inference_context or inference_params,
-            "rotary_pos_cos/sin": rotary_pos_cos if rotary_pos_cos is not None else rotary_pos_sin,
+            "rotary_pos_cos/sin": next(
+                (t for t in (rotary_pos_cos, rotary_pos_sin, rotary_pos_cos_sin) if t is not None), None
+            ),
             "attention_bias": attention_bias,
             "packed_seq_params": packed_seq_params,
         }
@@ -205,9 +207,7 @@ class MimoAttention(MegatronModule):
         qkv, _ = self.linear_qkv(hidden_states)
         seq, batch = qkv.shape[:2]
         qkv = qkv.view(seq, batch, self.groups_per_rank, geo.group_width)
-        query, key, value = torch.split(
-            qkv, [geo.heads_per_group * geo.head_dim, geo.head_dim, geo.v_head_dim], dim=-1
-        )
+        query, key, value = torch.split(qkv, [geo.heads_per_group * geo.head_dim, geo.head_dim, geo.v_head_dim], dim=-1)
         query = query.reshape(seq, batch, self.heads_per_rank, geo.head_dim)
         value = value * geo.value_scale
 
@@ -233,7 +233,9 @@ class MimoAttention(MegatronModule):
                 f"rotary_pos_emb must hold token positions shaped [s={seq}, b], got {tuple(positions.shape)}"
             )
         dim = self.geometry.rotary_dim
-        inv_freq = 1.0 / (self.geometry.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim))
+        inv_freq = 1.0 / (
+            self.geometry.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim)
+        )
         angles = positions.to(torch.float32).unsqueeze(-1) * inv_freq
         return torch.cat((angles, angles), dim=-1).unsqueeze(2)
 

@@ -1,10 +1,11 @@
 """Turns the mimo configs into megatron-core objects: the TransformerConfig and the model chunks of this rank.
 
 The TransformerConfig is one object shared by the modules of every chunk (megatron's expert MLPs and mimo's core
-attention hold copies with static shape fields changed). The training loop changes three of its fields while running (``mtp_loss_scaling_factor``, ``moe_router_bias_update_rate``, ``moe_aux_loss_coeff``)
-and megatron-core 0.16.1 reads each of them from that shared object at run time: GPTModel for the MTP loss scale,
-the router for the aux-loss coefficient, ``finalize_model_grads`` for the bias update. (MultiTokenPredictionBlock
-copies ``mtp_loss_scaling_factor`` into an attribute at construction but never reads that copy.)
+attention hold copies with static shape fields changed). The training loop changes three of its fields while
+running (``mtp_loss_scaling_factor``, ``moe_router_bias_update_rate``, ``moe_aux_loss_coeff``) and megatron-core
+0.16.1 reads each of them from that shared object at run time: GPTModel for the MTP loss scale, the router for the
+aux-loss coefficient, ``finalize_model_grads`` for the bias update. (MultiTokenPredictionBlock copies
+``mtp_loss_scaling_factor`` into an attribute at construction but never reads that copy.)
 """
 
 import math
@@ -31,7 +32,9 @@ ROUTER_SCORE = "sigmoid"
 LOAD_BALANCING = "seq_aux_loss"
 
 
-def transformer_config(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, precision: PrecisionConfig) -> TransformerConfig:
+def transformer_config(
+    model_cfg: ModelConfig, parallel_cfg: ParallelConfig, precision: PrecisionConfig
+) -> TransformerConfig:
     """The megatron TransformerConfig of a MiMo model under a parallel layout and precision.
 
     ``num_query_groups`` holds the GA layers' KV heads; each attention layer overrides it for its own type.
@@ -134,7 +137,9 @@ def build_model(
         )
     use_te = resolve_use_te(use_te)
     if precision.fp8 and not use_te:
-        raise ModelConfigError(f"precision.fp8={precision.fp8} needs Transformer Engine on a GPU; set precision.fp8=null")
+        raise ModelConfigError(
+            f"precision.fp8={precision.fp8} needs Transformer Engine on a GPU; set precision.fp8=null"
+        )
     _check_parallel_state(parallel_cfg)
     config = transformer_config(model_cfg, parallel_cfg, precision)
     stages = range(parallel_cfg.vpp) if parallel_cfg.vpp else [None]

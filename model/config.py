@@ -145,8 +145,7 @@ class ModelConfig:
             )
         _require(
             0 <= self.num_dense_layers <= self.num_layers,
-            f"model.num_dense_layers={self.num_dense_layers} must be between 0 and model.num_layers="
-            f"{self.num_layers}",
+            f"model.num_dense_layers={self.num_dense_layers} must be between 0 and model.num_layers={self.num_layers}",
         )
 
     def _validate_moe(self) -> None:
@@ -163,8 +162,7 @@ class ModelConfig:
         )
         _require(
             1 <= self.moe_router_topk <= self.num_experts,
-            f"model.moe_router_topk={self.moe_router_topk} must be between 1 and model.num_experts="
-            f"{self.num_experts}",
+            f"model.moe_router_topk={self.moe_router_topk} must be between 1 and model.num_experts={self.num_experts}",
         )
         _require(self.moe_ffn_hidden_size >= 1, f"model.moe_ffn_hidden_size={self.moe_ffn_hidden_size} must be >= 1")
 

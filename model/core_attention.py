@@ -107,7 +107,12 @@ def causal_attention(
 
 
 class LocalCoreAttention(MegatronModule):
-    """Core attention of one MiMo layer on the local backend (CPU, or GPU without Transformer Engine)."""
+    """Core attention of one MiMo layer on the local backend (CPU, or GPU without Transformer Engine).
+
+    The constructor takes TEDotProductAttention's arguments so one attention spec works with either backend;
+    ``attention_type``, ``k_channels``, ``v_channels`` and ``cp_comm_type`` need no action here (shapes come with
+    the tensors, and context parallelism is refused when the model is built).
+    """
 
     def __init__(
         self,
@@ -168,7 +173,9 @@ class LocalCoreAttention(MegatronModule):
         if self.window is None:
             out = causal_attention(q, k, v, scale=self.softmax_scale, sink=self.softmax_offset)
         else:
-            out = sliding_window_attention(q, k, v, window=self.window, scale=self.softmax_scale, sink=self.softmax_offset)
+            out = sliding_window_attention(
+                q, k, v, window=self.window, scale=self.softmax_scale, sink=self.softmax_offset
+            )
         return out.permute(2, 0, 1, 3).reshape(seq, batch, -1)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):

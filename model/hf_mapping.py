@@ -147,7 +147,9 @@ def _qkv_ops(cfg: ModelConfig, kind: AttentionType):
     return merge, split
 
 
-def _layer_rules(cfg: ModelConfig, mimo: str, hf: str, kind: AttentionType, moe: bool, mtp: bool, **where) -> List[_Rule]:
+def _layer_rules(
+    cfg: ModelConfig, mimo: str, hf: str, kind: AttentionType, moe: bool, mtp: bool, **where
+) -> List[_Rule]:
     """Rules of one transformer layer: decoder layer (mimo ``decoder.layers.i.``) or MTP layer."""
     qkv_merge, qkv_split = _qkv_ops(cfg, kind)
     plain = dict(merge=_identity_merge, split=_identity_split, **where)
@@ -202,7 +204,9 @@ def _mlp_rules(mimo: str, hf: str, where: Dict[str, Any], fc2: Optional[str] = N
             split=_halves_split,
             **where,
         ),
-        _Rule(fc2_name, (f"{hf}down_proj.weight",), _Shard.COLUMNS, merge=_identity_merge, split=_identity_split, **where),
+        _Rule(
+            fc2_name, (f"{hf}down_proj.weight",), _Shard.COLUMNS, merge=_identity_merge, split=_identity_split, **where
+        ),
     ]
 
 
@@ -210,14 +214,22 @@ def _rules(cfg: ModelConfig) -> List[_Rule]:
     """Every tensor of the full model."""
     plain = dict(merge=_identity_merge, split=_identity_split)
     rules = [
-        _Rule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), _Shard.ROWS, place="embedding", **plain),
+        _Rule(
+            "embedding.word_embeddings.weight", ("model.embed_tokens.weight",), _Shard.ROWS, place="embedding", **plain
+        ),
         _Rule("decoder.final_layernorm.weight", ("model.norm.weight",), _Shard.REPLICATED, place="output", **plain),
         _Rule("output_layer.weight", ("lm_head.weight",), _Shard.ROWS, place="output", **plain),
     ]
     for layer, kind in enumerate(cfg.layer_types()):
         rules += _layer_rules(
-            cfg, f"decoder.layers.{layer}.", f"model.layers.{layer}.", kind, cfg.is_moe(layer), False,
-            place="decoder", layer=layer,
+            cfg,
+            f"decoder.layers.{layer}.",
+            f"model.layers.{layer}.",
+            kind,
+            cfg.is_moe(layer),
+            False,
+            place="decoder",
+            layer=layer,
         )
     for depth in range(cfg.mtp_num_layers):
         mimo, hf = f"mtp.layers.{depth}.", f"model.mtp.layers.{depth}."
@@ -226,9 +238,7 @@ def _rules(cfg: ModelConfig) -> List[_Rule]:
             for name in ("enorm", "hnorm", "final_layernorm")
         ]
         rules.append(_Rule(f"{mimo}eh_proj.weight", (f"{hf}eh_proj.weight",), _Shard.ROWS, place="mtp", **plain))
-        rules += _layer_rules(
-            cfg, f"{mimo}transformer_layer.", hf, AttentionType.SLIDING, False, True, place="mtp"
-        )
+        rules += _layer_rules(cfg, f"{mimo}transformer_layer.", hf, AttentionType.SLIDING, False, True, place="mtp")
     return rules
 
 
@@ -260,10 +270,15 @@ def _shard(rule: _Rule, tensor: torch.Tensor, layout: ShardLayout) -> torch.Tens
     rank, size = (layout.etp_rank, layout.etp_size) if rule.expert is not None else (layout.tp_rank, layout.tp_size)
     if rule.shard is _Shard.REPLICATED or size == 1:
         return tensor
-    if rule.shard is _Shard.ROWS:
-        return torch.chunk(tensor, size, dim=0)[rank].clone()
-    if rule.shard is _Shard.COLUMNS:
-        return torch.chunk(tensor, size, dim=1)[rank].clone()
+    dim = 1 if rule.shard is _Shard.COLUMNS else 0
+    parts = 2 * size if rule.shard is _Shard.GATE_UP_ROWS else size
+    if tensor.shape[dim] % parts:
+        raise HFMappingError(
+            f"{rule.mimo}: dim {dim} of size {tensor.shape[dim]} does not split evenly over {size} tensor-parallel"
+            " ranks; choose a TP/ETP degree dividing it"
+        )
+    if rule.shard is not _Shard.GATE_UP_ROWS:
+        return torch.chunk(tensor, size, dim=dim)[rank].clone()
     gate, up = torch.chunk(tensor, 2, dim=0)
     return torch.cat([torch.chunk(gate, size, dim=0)[rank], torch.chunk(up, size, dim=0)[rank]], dim=0)
 
@@ -328,7 +343,9 @@ def _unknown_hf_key(name: str, cfg: ModelConfig, drop_extra_mtp_layers: bool) ->
             f"{name}: the checkpoint has more MTP blocks than model.mtp_num_layers={cfg.mtp_num_layers}; raise"
             " model.mtp_num_layers or pass drop_extra_mtp_layers=True"
         )
-    raise HFMappingError(f"{name}: no mimo tensor corresponds to this HF key; does the model config match the checkpoint?")
+    raise HFMappingError(
+        f"{name}: no mimo tensor corresponds to this HF key; does the model config match the checkpoint?"
+    )
 
 
 def mimo_to_hf(mimo_tensors: TensorStream, cfg: ModelConfig) -> Iterator[Tuple[str, torch.Tensor]]:
@@ -423,7 +440,9 @@ def hf_config_to_mimo(hf_config: Union[Mapping[str, Any], Any], base: ModelConfi
         raise HFMappingError(f"mlp_layer_types={mlp_types}: mimo needs all dense layers first, then only MoE layers")
     ropes = hf_config.rope_parameters
     kinds = {kind.value for kind in AttentionType}
-    if set(ropes) != kinds or any(ropes[k].get("rope_type", HF_DEFAULT_ROPE_TYPE) != HF_DEFAULT_ROPE_TYPE for k in kinds):
+    if set(ropes) != kinds or any(
+        ropes[k].get("rope_type", HF_DEFAULT_ROPE_TYPE) != HF_DEFAULT_ROPE_TYPE for k in kinds
+    ):
         raise HFMappingError(f"rope_parameters={ropes}: mimo supports plain RoPE ('default') for both layer types")
     factors = {ropes[k]["partial_rotary_factor"] for k in kinds}
     if len(factors) != 1:

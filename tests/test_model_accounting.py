@@ -39,8 +39,17 @@ def test_full_model_matches_spec_arithmetic():
 def test_proxy_keeps_the_full_models_layer_shapes():
     full, proxy = recipe_model("mimo_v2_flash"), recipe_model("proxy")
     shape_keys = [
-        "hidden_size", "vocab_size", "num_attention_heads", "num_key_value_heads", "swa_num_key_value_heads",
-        "head_dim", "v_head_dim", "sliding_window", "ffn_hidden_size", "moe_ffn_hidden_size", "moe_router_topk",
+        "hidden_size",
+        "vocab_size",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "swa_num_key_value_heads",
+        "head_dim",
+        "v_head_dim",
+        "sliding_window",
+        "ffn_hidden_size",
+        "moe_ffn_hidden_size",
+        "moe_router_topk",
     ]
     assert {k: getattr(proxy, k) for k in shape_keys} == {k: getattr(full, k) for k in shape_keys}
     assert parameter_counts(proxy).total == 3_355_697_344

@@ -86,4 +86,6 @@ def test_layout_must_match_the_initialised_parallel_state(single_rank, tiny):
 
 def test_grouped_gemm_needs_transformer_engine(single_rank, tiny):
     with pytest.raises(ValueError, match="moe_grouped_gemm"):
-        build_model(dataclasses.replace(tiny, moe_grouped_gemm=True), ParallelConfig(), PrecisionConfig(), seq_length=SEQ)
+        build_model(
+            dataclasses.replace(tiny, moe_grouped_gemm=True), ParallelConfig(), PrecisionConfig(), seq_length=SEQ
+        )

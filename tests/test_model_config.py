@@ -61,8 +61,11 @@ def test_all_dense_model_needs_no_experts():
 
 @pytest.mark.parametrize(
     "precision, key",
-    [(PrecisionConfig(dtype="fp16"), "precision.dtype"), (PrecisionConfig(fp8="tensorwise"), "precision.fp8"),
-     (PrecisionConfig(dtype="fp32", fp8="blockwise"), "precision.fp8")],
+    [
+        (PrecisionConfig(dtype="fp16"), "precision.dtype"),
+        (PrecisionConfig(fp8="tensorwise"), "precision.fp8"),
+        (PrecisionConfig(dtype="fp32", fp8="blockwise"), "precision.fp8"),
+    ],
 )
 def test_invalid_precision(precision, key):
     with pytest.raises(ModelConfigError, match=key):

@@ -181,7 +181,11 @@ SHARDED_RANKS = 2
 def _sharded_rank(rank: int, port: int, hub_path: str, out_dir: str) -> None:
     """One rank of the TP=2/EP=2 run: build, load this rank's slice, forward, save gathered logits."""
     os.environ.update(
-        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(SHARDED_RANKS), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(SHARDED_RANKS),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
     )
     cfg = hf_config_to_mimo(MiMoV2FlashConfig(**HF_TINY), base=ModelConfig(mtp_num_layers=0))
     initialize(SHARDED, cfg, seed=3, global_batch_size=BATCH, micro_batch_size=BATCH, seq_length=SEQ)
@@ -190,7 +194,9 @@ def _sharded_rank(rank: int, port: int, hub_path: str, out_dir: str) -> None:
         assert model.config.sequence_parallel
         layout = ShardLayout.of_model(model)
         assert (layout.tp_rank, layout.ep_rank) == (rank, rank)
-        missing, unexpected = model.load_state_dict(dict(hf_to_mimo(load_file(hub_path).items(), cfg, layout)), strict=False)
+        missing, unexpected = model.load_state_dict(
+            dict(hf_to_mimo(load_file(hub_path).items(), cfg, layout)), strict=False
+        )
         assert unexpected == [] and [key for key in missing if not key.endswith("_extra_state")] == []
         with torch.no_grad():
             logits = model(parity_ids(cfg.vocab_size), None, None, runtime_gather_output=True)
