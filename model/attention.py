@@ -191,9 +191,9 @@ class MimoAttention(MegatronModule):
         unsupported = {
             "attention_mask": attention_mask,
             "inference_context": inference_context or inference_params,
-            "rotary_pos_cos/sin": next(
-                (t for t in (rotary_pos_cos, rotary_pos_sin, rotary_pos_cos_sin) if t is not None), None
-            ),
+            "rotary_pos_cos": rotary_pos_cos,
+            "rotary_pos_sin": rotary_pos_sin,
+            "rotary_pos_cos_sin": rotary_pos_cos_sin,
             "attention_bias": attention_bias,
             "packed_seq_params": packed_seq_params,
         }
