@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, tensor_parallel
+from torch.distributed.checkpoint import FileSystemReader
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.validation import StrictHandling
 from megatron.core.distributed import DistributedDataParallel
@@ -224,6 +225,7 @@ def load_checkpoint(
     """
     meta = read_meta(path)
     check_model_compatible(meta, model_config, path)
+    verify_files(path)
     same_layout = meta.get("layout") == layout and meta.get("world_size") == dist.get_world_size()
     load_optimizer = optimizer is not None and meta.get("has_optimizer", False)
 
@@ -253,6 +255,29 @@ def load_checkpoint(
     return TrainState(
         step=meta["step"], consumed_samples=meta["consumed_samples"], consumed_tokens=meta["consumed_tokens"]
     )
+
+
+def verify_files(path: Path) -> None:
+    """Refuse a checkpoint with missing or truncated shard files before any byte is read into the model.
+
+    The storage metadata records where every tensor lives (file, offset, length); a file shorter than what it
+    must hold means an interrupted copy or a damaged disk.
+    """
+    try:
+        storage = FileSystemReader(str(path)).read_metadata().storage_data
+    except Exception as err:  # a missing or unreadable .metadata file
+        raise CheckpointError(f"cannot read the shard index of {path}: {err}") from err
+    needed: Dict[str, int] = {}
+    for info in storage.values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        shard = path / name
+        actual = shard.stat().st_size if shard.exists() else None
+        if actual is None or actual < size:
+            raise CheckpointError(
+                f"checkpoint shard {shard} is {'missing' if actual is None else f'truncated ({actual} of {size} bytes)'}; "
+                "the checkpoint is damaged: restore it or point checkpoint.dir at another one"
+            )
 
 
 def _allocate_optimizer_state(optimizer: MegatronOptimizer) -> None:
