@@ -28,3 +28,7 @@ class ParallelConfig:
     """Layers on the last pipeline stage when stages are uneven (head and MTP live there)."""
     backend: Optional[str] = None
     """torch.distributed backend; None picks nccl with CUDA and gloo without."""
+    timeout_minutes: int = 30
+    """How long collectives (and process-group start-up) wait for a missing rank before failing."""
+    master_port: int = 29500
+    """Rendezvous port under Slurm without MASTER_PORT (torchrun sets its own; a lone process finds a free one)."""
