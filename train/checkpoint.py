@@ -33,6 +33,8 @@ FORMAT_VERSION = 1
 LATEST_FILE = "latest"
 META_FILE = "mimo_checkpoint.json"
 PARTIAL_SUFFIX = ".partial"
+KEEP_MARKER = "KEEP"
+"""A checkpoint holding this file (the last one of a schedule stage) is never removed by checkpoint.keep."""
 OPTIMIZER_SHARDING = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 # Model settings a checkpoint's tensors do not depend on: a later stage may change them (RoPE theta, the
@@ -64,6 +66,12 @@ class TrainState:
     step: int = 0
     consumed_samples: int = 0
     consumed_tokens: int = 0
+    stage: str = ""
+    """The schedule stage the run was in; a resume into another stage is a stage transition."""
+    data_stream: str = ""
+    """What the samples are drawn from (mixture and sequence length); when it changes, a new stream starts."""
+    data_start_samples: int = 0
+    """consumed_samples when the current data stream began: the stream's own position is counted from here."""
 
 
 def step_dir_name(step: int) -> str:
@@ -157,7 +165,9 @@ def save_checkpoint(
     optimizer: Optional[MegatronOptimizer],
     model_config: ModelConfig,
     layout: Dict[str, Any],
+    run: Dict[str, Any],
     keep: int,
+    permanent: bool = False,
 ) -> Path:
     """Write a complete checkpoint, then make it the latest; older ones beyond ``keep`` are removed."""
     root = Path(ckpt_dir)
@@ -184,9 +194,12 @@ def save_checkpoint(
             "has_optimizer": optimizer is not None,
             "world_size": dist.get_world_size(),
             "layout": layout,
+            "run": run,
             "model": asdict(model_config),
         }
         (partial / META_FILE).write_text(json.dumps(meta, indent=2))
+        if permanent:
+            (partial / KEEP_MARKER).touch()
     dist.barrier()
     if is_writer:
         if final.exists():
@@ -205,7 +218,9 @@ def _atomic_write(path: Path, text: str) -> None:
 
 
 def _remove_old(root: Path, keep: int, newest: str) -> None:
-    complete = sorted(p for p in root.glob("step_*") if not p.name.endswith(PARTIAL_SUFFIX))
+    complete = sorted(
+        p for p in root.glob("step_*") if not p.name.endswith(PARTIAL_SUFFIX) and not (p / KEEP_MARKER).exists()
+    )
     for old in complete[: max(0, len(complete) - keep)]:
         if old.name != newest:
             shutil.rmtree(old, ignore_errors=True)
@@ -239,7 +254,9 @@ def load_checkpoint(
     if same_layout:
         sharded["rng_state"] = _rng_sharded_object(None)
     try:
-        loaded = dist_checkpointing.load(sharded, str(path), strict=StrictHandling.RAISE_ALL)
+        # Everything this model asks for must be in the checkpoint; what it deliberately leaves (optimizer state
+        # of a converted checkpoint, RNG streams of another layout) may stay unread.
+        loaded = dist_checkpointing.load(sharded, str(path), strict=StrictHandling.RAISE_UNEXPECTED)
     except Exception as err:  # dist_checkpointing raises many types; all mean the same to the user
         raise CheckpointError(
             f"cannot load checkpoint {path}: {err}\nthe checkpoint is corrupt or does not match this model; "
@@ -252,9 +269,7 @@ def load_checkpoint(
         optimizer.load_state_dict(loaded["optimizer"])
     if same_layout:
         _set_rng_state(loaded["rng_state"])
-    return TrainState(
-        step=meta["step"], consumed_samples=meta["consumed_samples"], consumed_tokens=meta["consumed_tokens"]
-    )
+    return TrainState(**{key: meta[key] for key in TrainState.__dataclass_fields__ if key in meta})
 
 
 def verify_files(path: Path) -> None:

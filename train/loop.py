@@ -1,6 +1,7 @@
 """The training run: recipe -> parallel runtime -> model -> data -> steps -> checkpoints and logs."""
 
 import itertools
+import json
 import logging
 import resource
 import sys
@@ -18,6 +19,8 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from mimo.data import build_data_iterators, build_tokenizer, check_vocab
+from mimo.data.config import DataConfig
+from mimo.data.stages import stage_config
 from mimo.model.accounting import flops_per_token, parameter_counts
 from mimo.model.builder import build_model
 from mimo.model.config import ModelConfig
@@ -140,20 +143,58 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * KIB / BYTES_PER_GIB
 
 
-def _resume(cfg: MimoConfig, runtime: Runtime, chunks, optimizer, layout: dict) -> tuple[TrainState, Optional[str]]:
+def data_stream_signature(cfg: MimoConfig, data: DataConfig) -> str:
+    """What defines the sequence of training samples; the same signature continues the same stream."""
+    return json.dumps(
+        {"blend": list(data.blend), "long_docs": asdict(data.long_docs), "tokenizer": data.tokenizer,
+         "seq_length": cfg.train.seq_length, "seed": cfg.run.seed, "split": data.split},
+        sort_keys=True,
+    )
+
+
+def _resume(
+    cfg: MimoConfig, chunks, optimizer, layout: dict, stage: str, stream: str, record: dict
+) -> tuple[TrainState, Optional[str]]:
     path = latest_checkpoint(cfg.checkpoint.dir)
     if path is None:
         logger.info("no checkpoint in %s: starting from scratch", cfg.checkpoint.dir)
-        return TrainState(), None
+        return TrainState(stage=stage, data_stream=stream), None
     meta = read_meta(path)
-    changes = describe_layout_change(meta.get("layout", {}), layout)
+    layout_changes = describe_layout_change(meta.get("layout", {}), layout)
     state = load_checkpoint(path, chunks, optimizer, cfg.model, layout)
     logger.info(
         "resumed from %s (step %d, %d samples, %d tokens)%s",
         path, state.step, state.consumed_samples, state.consumed_tokens,
-        "; layout changed: " + ", ".join(changes) if changes else "",
+        "; layout changed: " + ", ".join(layout_changes) if layout_changes else "",
     )
+    if state.stage != stage:
+        logger.info("stage %r -> %r: %s", state.stage, stage, "; ".join(_run_changes(meta, record)) or "same settings")
+        state.stage = stage
+    if state.data_stream != stream:
+        logger.info(
+            "the data changed (mixture or sequence length): a new sample stream starts at %d consumed samples",
+            state.consumed_samples,
+        )
+        state.data_stream, state.data_start_samples = stream, state.consumed_samples
     return state, str(path)
+
+
+def _run_changes(meta: dict, record: dict) -> List[str]:
+    saved = meta.get("run", {})
+    return [f"{key} {saved.get(key)} -> {value}" for key, value in record.items() if saved.get(key) != value]
+
+
+def run_record(cfg: MimoConfig, data: DataConfig, layout: dict) -> dict:
+    """Settings a stage transition may change, stored with each checkpoint so the next stage can say what did."""
+    return {
+        "train.seq_length": cfg.train.seq_length,
+        "train.global_batch_size": cfg.train.global_batch_size,
+        "model.rope_theta": cfg.model.rope_theta,
+        "model.swa_rope_theta": cfg.model.swa_rope_theta,
+        "data.blend": list(data.blend),
+        "data.long_docs": asdict(data.long_docs),
+        **{f"parallel.{key}": value for key, value in layout.items()},
+    }
 
 
 def run_training(cfg: MimoConfig) -> RunSummary:
@@ -186,19 +227,23 @@ def run_training(cfg: MimoConfig) -> RunSummary:
         config.grad_scale_func = optimizer.scale_loss
         config.no_sync_func = [chunk.no_sync for chunk in chunks] if len(chunks) > 1 else chunks[0].no_sync
 
-        layout = layout_record(cfg, runtime)
-        state, resumed_from = _resume(cfg, runtime, chunks, optimizer, layout)
         samples_per_microbatch = cfg.train.micro_batch_size * runtime.layout.dp
         schedule = Schedule(
             cfg.schedule, optim=cfg.optim, train=cfg.train, model=cfg.model, batch_unit=samples_per_microbatch
         )
+        data_cfg = stage_config(cfg.data, schedule.stage)
+        layout = layout_record(cfg, runtime)
+        record = run_record(cfg, data_cfg, layout)
+        state, resumed_from = _resume(
+            cfg, chunks, optimizer, layout, schedule.stage, data_stream_signature(cfg, data_cfg), record
+        )
         data = build_data_iterators(
-            cfg.data,
+            data_cfg,
             run_dir=cfg.run.dir,
             seq_length=cfg.train.seq_length,
             micro_batch_size=cfg.train.micro_batch_size,
             train_samples=cfg.train.steps * cfg.train.global_batch_size,
-            consumed_samples=state.consumed_samples,
+            consumed_samples=state.consumed_samples - state.data_start_samples,
             dp_rank=parallel_state.get_data_parallel_rank(),
             dp_size=runtime.layout.dp,
             seed=cfg.run.seed,
@@ -207,7 +252,7 @@ def run_training(cfg: MimoConfig) -> RunSummary:
         writer = MetricsWriter(
             cfg.run.dir, cfg.logging, OmegaConf.to_container(OmegaConf.structured(cfg)), runtime.is_main
         )
-        return _loop(cfg, runtime, chunks, optimizer, config, iterators, schedule, state, writer, stop, layout, resumed_from)
+        return _loop(cfg, runtime, chunks, optimizer, config, iterators, schedule, state, writer, stop, layout, record, resumed_from)
     finally:
         stop.uninstall()
         if writer is not None:
@@ -215,7 +260,7 @@ def run_training(cfg: MimoConfig) -> RunSummary:
         shutdown()
 
 
-def _loop(cfg, runtime, chunks, optimizer, config, iterators, schedule, state, writer, stop, layout, resumed_from):
+def _loop(cfg, runtime, chunks, optimizer, config, iterators, schedule, state, writer, stop, layout, record, resumed_from):
     losses: List[float] = []
     grad_norms: List[float] = []
     samples_per_microbatch = cfg.train.micro_batch_size * runtime.layout.dp
@@ -226,9 +271,14 @@ def _loop(cfg, runtime, chunks, optimizer, config, iterators, schedule, state, w
     )
     stopped = False
 
-    def save() -> None:
-        save_checkpoint(cfg.checkpoint.dir, state, chunks, optimizer, cfg.model, layout, cfg.checkpoint.keep)
-        logger.info("saved checkpoint at step %d to %s", state.step, cfg.checkpoint.dir)
+    def save(stage_end: bool) -> None:
+        save_checkpoint(
+            cfg.checkpoint.dir, state, chunks, optimizer, cfg.model, layout, record, cfg.checkpoint.keep, permanent=stage_end
+        )
+        logger.info(
+            "saved checkpoint at step %d to %s%s", state.step, cfg.checkpoint.dir,
+            f" (end of stage {state.stage!r}, kept)" if stage_end else "",
+        )
 
     while state.step < cfg.train.steps and not schedule.finished(state.consumed_tokens):
         values = schedule.at(state.consumed_tokens)
@@ -268,9 +318,9 @@ def _loop(cfg, runtime, chunks, optimizer, config, iterators, schedule, state, w
 
         stopped = stop.agreed(runtime.device)
         paused = state.step == cfg.train.stop_after_steps
-        last = state.step == cfg.train.steps or schedule.finished(state.consumed_tokens)
-        if stopped or paused or last or state.step % cfg.checkpoint.interval == 0:
-            save()
+        stage_end = schedule.finished(state.consumed_tokens)
+        if stopped or paused or stage_end or state.step == cfg.train.steps or state.step % cfg.checkpoint.interval == 0:
+            save(stage_end)
         if stopped or paused:
             logger.warning(
                 "stopped at step %d (%s); rerun the same command to resume",
