@@ -100,6 +100,10 @@ def transformer_config(
         use_cpu_initialization=not torch.cuda.is_available(),
         mtp_num_layers=model_cfg.mtp_num_layers or None,
         mtp_loss_scaling_factor=model_cfg.mtp_loss_weight,
+        recompute_granularity=model_cfg.recompute_granularity,
+        recompute_method=model_cfg.recompute_method,
+        recompute_num_layers=model_cfg.recompute_num_layers,
+        **({"recompute_modules": list(model_cfg.recompute_modules)} if model_cfg.recompute_modules else {}),
         **moe_kwargs,
         **fp8_kwargs,
     )

@@ -76,6 +76,14 @@ class ModelConfig:
     init_method_std: float = 0.006
     max_position_embeddings: int = 262_144
     untie_embeddings_and_output_weights: bool = True
+    recompute_granularity: Optional[str] = None
+    """Activation recomputation (megatron's meaning): None | full | selective. Trades compute for memory only."""
+    recompute_method: Optional[str] = None
+    """With full recomputation: uniform | block."""
+    recompute_num_layers: Optional[int] = None
+    """With full recomputation: layers per recomputed group (uniform) or recomputed layers per stage (block)."""
+    recompute_modules: Optional[List[str]] = None
+    """With selective recomputation: megatron's module names (core_attn, mlp, moe, layernorm, ...)."""
 
     def validate(self) -> "ModelConfig":
         """Raise ModelConfigError for the first invalid setting; return self so calls can chain."""

@@ -51,6 +51,10 @@ RESHAPE_FREE_MODEL_FIELDS = frozenset(
         "moe_grouped_gemm",
         "max_position_embeddings",
         "init_method_std",
+        "recompute_granularity",
+        "recompute_method",
+        "recompute_num_layers",
+        "recompute_modules",
     }
 )
 
