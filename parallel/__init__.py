@@ -19,7 +19,18 @@ _LAZY = {
     "UnsupportedMegatronVersion": "mimo.parallel.cpu_compat",
 }
 
-__all__ = ["ParallelConfig", "LayoutError", "ResolvedLayout", "validate_layout", *_LAZY]
+__all__ = [
+    "ParallelConfig",
+    "LayoutError",
+    "ResolvedLayout",
+    "validate_layout",
+    "Runtime",
+    "LaunchError",
+    "initialize",
+    "shutdown",
+    "enable_cpu_compat",
+    "UnsupportedMegatronVersion",
+]
 
 
 def __getattr__(name: str) -> Any:

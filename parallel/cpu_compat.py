@@ -188,12 +188,14 @@ def _patch_megatron() -> None:
     from megatron.core.transformer.moe import moe_utils, token_dispatcher
 
     # The RNG tracker reads and writes CUDA generators through these private helpers (lazily, per device).
-    mp_random._get_cuda_rng_state = lambda device="cuda", clone=False, graph_safe=False: (
-        torch.default_generator.get_state()
-    )
-    mp_random._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: (
+    def get_rng_state(device: Any = "cuda", clone: bool = False, graph_safe: bool = False) -> torch.Tensor:
+        return torch.default_generator.get_state()
+
+    def set_rng_state(new_state: torch.Tensor, device: Any = -1, graph_safe: bool = False) -> None:
         torch.default_generator.set_state(new_state)
-    )
+
+    mp_random._get_cuda_rng_state = get_rng_state
+    mp_random._set_cuda_rng_state = set_rng_state
 
     # router_gating_linear tests `te_general_gemm is not None`, but the name is only bound when Transformer
     # Engine imports: moe_router_dtype="fp32" would raise NameError without it.

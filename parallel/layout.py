@@ -192,8 +192,7 @@ def _split_layers(parallel: ParallelConfig, model: ModelConfig) -> Tuple[int, ..
         )
     if pp == 1 and (first is not None or last is not None):
         raise LayoutError(
-            "parallel.pipeline_first_stage_layers / pipeline_last_stage_layers need parallel.pp > 1; set them"
-            " to null"
+            "parallel.pipeline_first_stage_layers / pipeline_last_stage_layers need parallel.pp > 1; set them to null"
         )
     for key, count in (("pipeline_first_stage_layers", first), ("pipeline_last_stage_layers", last)):
         if count is not None and count < 1:

@@ -178,6 +178,8 @@ def _from_torchrun(env: Mapping[str, str]) -> LaunchEnv:
 
 
 def _from_slurm(env: Mapping[str, str], default_port: int) -> LaunchEnv:
+    """One process per task, started by srun (a bare python in the batch script would wait for SLURM_NTASKS ranks
+    that never come, until parallel.timeout_minutes)."""
     master_addr = env.get("MASTER_ADDR") or env.get("SLURM_LAUNCH_NODE_IPADDR")
     if not master_addr and env.get("SLURM_JOB_NODELIST"):
         master_addr = first_slurm_host(env["SLURM_JOB_NODELIST"])
@@ -216,4 +218,3 @@ def free_port() -> int:
 def _url_host(addr: str) -> str:
     """IPv6 literals need brackets inside a tcp:// URL."""
     return f"[{addr}]" if ":" in addr and not addr.startswith("[") else addr
-

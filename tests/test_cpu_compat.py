@@ -35,9 +35,7 @@ SAMPLE = 16
 
 
 def _initialize(parallel: ParallelConfig) -> runtime.Runtime:
-    return runtime.initialize(
-        parallel, ModelConfig(), seed=SEED, global_batch_size=4, micro_batch_size=1, seq_length=8
-    )
+    return runtime.initialize(parallel, ModelConfig(), seed=SEED, global_batch_size=4, micro_batch_size=1, seq_length=8)
 
 
 def _gather(tensor: torch.Tensor) -> list:
@@ -83,9 +81,7 @@ def _check_dispatcher(dispatcher_type: str, ep_rank: int) -> None:
     tokens, tokens_per_expert, _ = dispatcher.dispatch_postprocess(tokens, token_probs)
 
     all_hidden, all_maps = _gather(hidden), _gather(routing_map)
-    expected_chunks = [
-        torch.cat([h[m[:, expert]] for h, m in zip(all_hidden, all_maps)]) for expert in local_experts
-    ]
+    expected_chunks = [torch.cat([h[m[:, expert]] for h, m in zip(all_hidden, all_maps)]) for expert in local_experts]
     assert [int(n) for n in tokens_per_expert] == [len(chunk) for chunk in expected_chunks]
     torch.testing.assert_close(tokens, torch.cat(expected_chunks), rtol=0, atol=0)
 
@@ -121,9 +117,7 @@ def _worker(rank: int, ports: tuple) -> None:
     # Forked ranks stay single-threaded: an OpenMP pool inherited through fork is unusable, and these tensors
     # are far too small to need one.
     torch.set_num_threads(1)
-    os.environ.update(
-        RANK=str(rank), WORLD_SIZE=str(WORLD_SIZE), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1"
-    )
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD_SIZE), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1")
 
     os.environ["MASTER_PORT"] = str(ports[0])
     run = _initialize(ParallelConfig(ep=2, timeout_minutes=1))
@@ -157,9 +151,7 @@ def test_two_rank_runtime_dispatchers_and_rng():
     assert not dist.is_initialized(), "a previous test left a process group behind; call runtime.shutdown()"
     # fork, not spawn: the ranks start with megatron already imported (seconds per rank on a small machine).
     # Safe here: the parent holds no process group and there is no CUDA context to inherit.
-    mp.start_processes(
-        _worker, args=((free_port(), free_port()),), nprocs=WORLD_SIZE, join=True, start_method="fork"
-    )
+    mp.start_processes(_worker, args=((free_port(), free_port()),), nprocs=WORLD_SIZE, join=True, start_method="fork")
 
 
 def test_version_guard_refuses_unverified_megatron(monkeypatch):

@@ -43,8 +43,9 @@ def test_expert_tensor_parallel_shares_ranks_with_attention():
 def test_uneven_pipeline_stages():
     layout = _resolve(3, dict(pp=3, pipeline_first_stage_layers=1), model=dict(num_layers=7))
     assert layout.stage_layers == (1, 3, 3)
-    layout = _resolve(3, dict(pp=3, pipeline_first_stage_layers=2, pipeline_last_stage_layers=1),
-                      model=dict(num_layers=7))
+    layout = _resolve(
+        3, dict(pp=3, pipeline_first_stage_layers=2, pipeline_last_stage_layers=1), model=dict(num_layers=7)
+    )
     assert layout.stage_layers == (2, 4, 1)
 
 
@@ -62,34 +63,88 @@ INVALID = [
     pytest.param(6, dict(tp=2, pp=2), {}, {}, ["world size 6", "tp * pp * cp = 2 * 2 * 1 = 4"], id="world-vs-tp-pp"),
     pytest.param(6, dict(tp=2, ep=4), {}, {}, ["world size 6", "etp * ep * pp = 1 * 4 * 1 = 4"], id="expert-layout"),
     pytest.param(3, dict(ep=3), {}, {}, ["parallel.ep=3", "model.num_experts=8"], id="ep-vs-experts"),
-    pytest.param(4, dict(tp=4), {}, {}, ["parallel.tp=4", "KV heads", "num_key_value_heads=2", "tp <= 2"],
-                 id="tp-exceeds-kv-heads"),
-    pytest.param(4, dict(tp=4), dict(num_attention_heads=6, num_key_value_heads=4), {},
-                 ["parallel.tp=4", "model.num_attention_heads=6"], id="tp-vs-heads"),
-    pytest.param(4, dict(tp=4), dict(num_key_value_heads=4, swa_num_key_value_heads=6), {},
-                 ["parallel.tp=4", "model.swa_num_key_value_heads=6"], id="tp-vs-swa-kv-heads"),
-    pytest.param(4, dict(tp=4), dict(num_key_value_heads=4, ffn_hidden_size=130), {},
-                 ["parallel.tp=4", "model.ffn_hidden_size=130"], id="tp-vs-ffn"),
-    pytest.param(4, dict(etp=4), dict(moe_ffn_hidden_size=30), {},
-                 ["parallel.etp=4", "model.moe_ffn_hidden_size=30"], id="etp-vs-moe-ffn"),
+    pytest.param(
+        4,
+        dict(tp=4),
+        {},
+        {},
+        ["parallel.tp=4", "KV heads", "num_key_value_heads=2", "tp <= 2"],
+        id="tp-exceeds-kv-heads",
+    ),
+    pytest.param(
+        4,
+        dict(tp=4),
+        dict(num_attention_heads=6, num_key_value_heads=4),
+        {},
+        ["parallel.tp=4", "model.num_attention_heads=6"],
+        id="tp-vs-heads",
+    ),
+    pytest.param(
+        4,
+        dict(tp=4),
+        dict(num_key_value_heads=4, swa_num_key_value_heads=6),
+        {},
+        ["parallel.tp=4", "model.swa_num_key_value_heads=6"],
+        id="tp-vs-swa-kv-heads",
+    ),
+    pytest.param(
+        4,
+        dict(tp=4),
+        dict(num_key_value_heads=4, ffn_hidden_size=130),
+        {},
+        ["parallel.tp=4", "model.ffn_hidden_size=130"],
+        id="tp-vs-ffn",
+    ),
+    pytest.param(
+        4,
+        dict(etp=4),
+        dict(moe_ffn_hidden_size=30),
+        {},
+        ["parallel.etp=4", "model.moe_ffn_hidden_size=30"],
+        id="etp-vs-moe-ffn",
+    ),
     pytest.param(2, dict(ep=2), dict(num_experts=0), {}, ["parallel.ep=2", "no MoE layers"], id="ep-without-moe"),
-    pytest.param(2, dict(tp=2, sequence_parallel=False), {}, {},
-                 ["sequence_parallel=false", "parallel.tp=2", "MoE"], id="moe-tp-needs-sp"),
+    pytest.param(
+        2,
+        dict(tp=2, sequence_parallel=False),
+        {},
+        {},
+        ["sequence_parallel=false", "parallel.tp=2", "MoE"],
+        id="moe-tp-needs-sp",
+    ),
     pytest.param(1, dict(sequence_parallel=True), {}, {}, ["sequence_parallel=true", "tp > 1"], id="sp-without-tp"),
     pytest.param(4, {}, {}, dict(global_batch_size=6), ["global_batch_size=6", "1 * 4 = 4"], id="global-batch"),
     pytest.param(8, dict(pp=8), {}, {}, ["parallel.pp=8", "model.num_layers=4"], id="pp-exceeds-layers"),
     pytest.param(2, dict(pp=2), dict(num_layers=5), {}, ["5 layers", "2 pipeline stages"], id="uneven-split"),
-    pytest.param(2, dict(pp=2, pipeline_first_stage_layers=1, pipeline_last_stage_layers=2), {}, {},
-                 ["hold 3 layers", "model.num_layers=4", "add up to 4"], id="first-last-leave-layers"),
-    pytest.param(1, dict(pp=1, pipeline_first_stage_layers=2), {}, {}, ["pipeline_first_stage_layers"],
-                 id="uneven-without-pp"),
+    pytest.param(
+        2,
+        dict(pp=2, pipeline_first_stage_layers=1, pipeline_last_stage_layers=2),
+        {},
+        {},
+        ["hold 3 layers", "model.num_layers=4", "add up to 4"],
+        id="first-last-leave-layers",
+    ),
+    pytest.param(
+        1, dict(pp=1, pipeline_first_stage_layers=2), {}, {}, ["pipeline_first_stage_layers"], id="uneven-without-pp"
+    ),
     pytest.param(1, dict(vpp=2), {}, {}, ["parallel.vpp=2", "parallel.pp > 1"], id="vpp-without-pp"),
-    pytest.param(2, dict(pp=2, vpp=2), dict(num_layers=6), {}, ["holds 3 layers", "parallel.vpp=2"],
-                 id="stage-vs-vpp"),
-    pytest.param(2, dict(pp=2, vpp=2), dict(num_layers=8), dict(global_batch_size=3),
-                 ["3 micro-batches", "parallel.pp=2"], id="interleaved-microbatches"),
-    pytest.param(2, dict(cp=2), {}, {}, ["parallel.cp=2", "not supported yet", "parallel.cp=1", "2 * cp = 4"],
-                 id="context-parallel"),
+    pytest.param(2, dict(pp=2, vpp=2), dict(num_layers=6), {}, ["holds 3 layers", "parallel.vpp=2"], id="stage-vs-vpp"),
+    pytest.param(
+        2,
+        dict(pp=2, vpp=2),
+        dict(num_layers=8),
+        dict(global_batch_size=3),
+        ["3 micro-batches", "parallel.pp=2"],
+        id="interleaved-microbatches",
+    ),
+    pytest.param(
+        2,
+        dict(cp=2),
+        {},
+        {},
+        ["parallel.cp=2", "not supported yet", "parallel.cp=1", "2 * cp = 4"],
+        id="context-parallel",
+    ),
     pytest.param(1, dict(tp=0), {}, {}, ["parallel.tp=0"], id="zero-degree"),
 ]
 
