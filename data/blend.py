@@ -11,9 +11,13 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import numpy
+from megatron.core.datasets.blended_megatron_dataset_config import (
+    convert_split_vector_to_split_matrix,
+    parse_and_normalize_split,
+)
 
 from mimo.data.config import DataConfig, LongDocConfig
 from mimo.data.distributed import rank_zero_first
@@ -24,6 +28,7 @@ from mimo.data.tokenizer import MimoTokenizer, encode_documents
 
 SHIPPED_PREFIX = "mimo:jargon"
 """Names the shipped corpus inside a blend, e.g. ["0.5", "mimo:jargon", "0.5", "/data/code"]."""
+SPLIT_NAMES = ("train", "valid", "test")
 SHIPPED_BATCH_DOCUMENTS = 256
 """Documents per batched tokenizer call when materialising the shipped corpus."""
 
@@ -65,10 +70,25 @@ def resolve_blend(cfg: DataConfig, tokenizer: MimoTokenizer, cache_dir: Path) ->
     for prefix in prefixes:
         dataset = open_indexed(prefix)
         _check_token_range(prefix, dataset, tokenizer)
-    blend = Blend(prefixes, blend.weights, blend.names)
-    if cfg.long_docs.min_tokens > 0 and cfg.long_docs.weight > 0:
-        blend = _add_long_documents(blend, cfg.long_docs, cache_dir)
-    return blend
+        _check_splits(prefix, len(dataset), cfg.split)
+        del dataset
+    return Blend(prefixes, blend.weights, blend.names)
+
+
+def split_ranges(num_documents: int, split: str) -> List[Optional[Tuple[int, int]]]:
+    """The [begin, end) document range of each split (train, valid, test) exactly as megatron-core cuts it."""
+    matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
+    return [None if bookends is None else (int(round(bookends[0] * num_documents)),
+                                           int(round(bookends[1] * num_documents)))
+            for bookends in matrix]
+
+
+def _check_splits(prefix: str, num_documents: int, split: str) -> None:
+    """megatron-core loops forever building a split that has no document, so refuse it up front."""
+    for name, bounds in zip(SPLIT_NAMES, split_ranges(num_documents, split)):
+        if bounds is not None and bounds[1] <= bounds[0]:
+            raise DataError(f"{prefix} has {num_documents} documents, too few for a non-empty {name} split with "
+                            f"data.split={split!r}; add documents, or give {name} a larger share (or 0) in data.split")
 
 
 def _check_token_range(prefix: str, dataset, tokenizer: MimoTokenizer) -> None:
@@ -96,46 +116,47 @@ def _materialise_shipped(cache_dir: Path, tokenizer: MimoTokenizer) -> str:
     return prefix
 
 
-def _add_long_documents(blend: Blend, long_docs: LongDocConfig, cache_dir: Path) -> Blend:
-    """Adds each dataset's long-document subset with ``long_docs.weight`` of the mass, split between
-    the subsets like the original weights (token counts when the blend has none); the original
-    datasets keep the rest."""
+def long_document_blend(blend: Blend, long_docs: LongDocConfig, split: str, cache_dir: Path) -> Blend:
+    """The long-document subsets of the blend's datasets, weighted among themselves like the datasets
+    (by token count when the blend has no weights). Only training documents enter a subset, so
+    upsampling never leaks validation documents into training."""
     if not 0 < long_docs.weight < 1:
         raise DataError(f"data.long_docs.weight is {long_docs.weight}; it is the share of samples drawn "
                         f"from long documents, so it must lie strictly between 0 and 1")
-    base = blend.weights or [float(document_lengths(prefix).sum()) for prefix in blend.prefixes]
-    total = sum(base)
-    subsets, subset_weights, subset_names = [], [], []
-    for prefix, weight, name in zip(blend.prefixes, base, blend.names):
-        subset = _long_document_subset(prefix, long_docs.min_tokens, cache_dir)
-        if subset is not None:
+    weights = blend.weights or dataset_token_counts(blend)
+    subsets, subset_weights, names = [], [], []
+    for prefix, weight, name in zip(blend.prefixes, weights, blend.names):
+        subset = _long_document_subset(prefix, long_docs.min_tokens, split, cache_dir)
+        if subset is not None and weight > 0:
             subsets.append(subset)
             subset_weights.append(weight)
-            subset_names.append(f"{name}>={long_docs.min_tokens}")
+            names.append(f"{name}>={long_docs.min_tokens}")
     if not subsets:
-        raise DataError(f"no document in {blend.prefixes} has data.long_docs.min_tokens="
+        raise DataError(f"no training document in {blend.prefixes} has data.long_docs.min_tokens="
                         f"{long_docs.min_tokens} tokens or more; lower the threshold or add long documents")
-    subset_total = sum(subset_weights)
-    weights = ([w / total * (1 - long_docs.weight) for w in base]
-               + [w / subset_total * long_docs.weight for w in subset_weights])
-    return Blend(blend.prefixes + subsets, weights, blend.names + subset_names)
+    return Blend(subsets, subset_weights, names)
 
 
-def _long_document_subset(prefix: str, min_tokens: int, cache_dir: Path) -> Optional[str]:
-    """A cached copy of the documents of ``prefix`` at least ``min_tokens`` long; None if there are none."""
+def dataset_token_counts(blend: Blend) -> List[float]:
+    return [float(document_lengths(prefix).sum()) for prefix in blend.prefixes]
+
+
+def _long_document_subset(prefix: str, min_tokens: int, split: str, cache_dir: Path) -> Optional[str]:
+    """A cached copy of the training documents of ``prefix`` at least ``min_tokens`` long; None if none."""
     source = open_indexed(prefix)
-    stat = os.stat(prefix + ".bin")
-    key = hashlib.sha256(f"{os.path.abspath(prefix)}|{stat.st_size}|{stat.st_mtime_ns}|{min_tokens}".encode())
-    subset = str(cache_dir / "long_docs" / key.hexdigest()[:16] / f"{Path(prefix).name}_min{min_tokens}")
     lengths = source.index.sequence_lengths
-    if not (lengths >= min_tokens).any():
+    begin, end = split_ranges(len(lengths), split)[0]
+    keep = begin + numpy.flatnonzero(lengths[begin:end] >= min_tokens)
+    if keep.size == 0:
         return None
+    stat = os.stat(prefix + ".bin")
+    key = f"{os.path.abspath(prefix)}|{stat.st_size}|{stat.st_mtime_ns}|{min_tokens}|{begin}:{end}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    subset = str(cache_dir / "long_docs" / digest / f"{Path(prefix).name}_min{min_tokens}")
 
     def build() -> None:
-        if is_complete(subset):
-            return
-        keep = numpy.flatnonzero(lengths >= min_tokens)
-        write_indexed(subset, (source[int(i)] for i in keep), source.index.dtype)
+        if not is_complete(subset):
+            write_indexed(subset, (source[int(i)] for i in keep), source.index.dtype)
 
     rank_zero_first(build, lambda: is_complete(subset), f"the long-document subset {subset}")
     return subset

@@ -1,6 +1,7 @@
 """Build-once coordination: one rank writes shared files while the others wait, then all read."""
 
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import torch.distributed as dist
 
@@ -29,3 +30,21 @@ def rank_zero_first(build: Callable[[], None], is_done: Callable[[], bool], what
         raise failure
     if not is_done():
         raise DataError(f"rank 0 failed to build {what}; see rank 0's error")
+
+
+@contextmanager
+def process_group_for_build() -> Iterator[None]:
+    """Makes torch.distributed usable while datasets are built, as megatron-core's builder needs.
+
+    megatron-core's BlendedDataset asks ``torch.distributed.get_rank()`` whenever it builds an index
+    cache, without checking that a process group exists. A run that has one is left alone; a single
+    process (tests, benchmarks, notebooks) gets a private one-rank gloo group for the duration.
+    """
+    if dist.is_initialized():
+        yield
+        return
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()

@@ -9,17 +9,20 @@ many micro-batches the loop draws per step.
 """
 
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
+from megatron.core.datasets.blended_dataset import BlendedDataset
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from mimo.data.blend import Blend, resolve_blend
+from mimo.data.blend import Blend, dataset_token_counts, long_document_blend, resolve_blend
 from mimo.data.config import DataConfig
+from mimo.data.distributed import process_group_for_build
 from mimo.data.errors import DataError
 from mimo.data.tokenizer import MimoTokenizer, build_tokenizer
 
@@ -28,6 +31,8 @@ logger = logging.getLogger(__name__)
 Batch = Dict[str, torch.Tensor]
 CACHE_SUBDIR = "data_cache"
 INDEX_SUBDIR = "indices"
+LONG_DOC_SPLIT = "1,0,0"
+"""Long-document subsets hold training documents only (see mimo.data.blend.long_document_blend)."""
 
 
 @dataclass
@@ -41,6 +46,10 @@ class DataIterators:
     """Label of each blended dataset; a micro-batch's ``dataset_id`` indexes this list."""
     train_size: int
     """Distinct training samples built; the order repeats after this many."""
+
+
+def _leaves(dataset: Dataset) -> List[Dataset]:
+    return list(dataset.datasets) if isinstance(dataset, BlendedDataset) else [dataset]
 
 
 class _GlobalSamples(Dataset):
@@ -85,13 +94,13 @@ def _check_layout(micro_batch_size: int, dp_rank: int, dp_size: int, consumed_sa
                         f"0 <= dp_rank < dp_size, consumed_samples >= 0")
 
 
-def _gpt_config(cfg: DataConfig, blend: Blend, tokenizer: MimoTokenizer, seq_length: int, seed: int,
+def _gpt_config(cfg: DataConfig, blend: Blend, split: str, tokenizer: MimoTokenizer, seq_length: int, seed: int,
                 cache_dir: Path) -> GPTDatasetConfig:
     return GPTDatasetConfig(
         random_seed=seed,
         sequence_length=seq_length,
         blend=(blend.prefixes, blend.weights),
-        split=cfg.split,
+        split=split,
         path_to_cache=str(cache_dir / INDEX_SUBDIR),
         tokenizer=tokenizer,
         reset_position_ids=cfg.reset_position_ids,
@@ -99,6 +108,38 @@ def _gpt_config(cfg: DataConfig, blend: Blend, tokenizer: MimoTokenizer, seq_len
         eod_mask_loss=cfg.eod_mask_loss,
         create_attention_mask=cfg.reset_attention_mask,
     )
+
+
+def _build(config: GPTDatasetConfig, sizes: List[int]) -> List[Optional[Dataset]]:
+    return BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
+
+
+def _with_surplus(samples: float, config: GPTDatasetConfig) -> int:
+    """A part of a blend needs a margin: the blending draws slightly more than its exact share."""
+    return math.ceil(samples * (1 + config.mid_level_dataset_surplus)) + 1
+
+
+def _datasets(cfg: DataConfig, tokenizer: MimoTokenizer, cache_dir: Path, seq_length: int, seed: int,
+              train_samples: int) -> Tuple[Dataset, Optional[Dataset], List[str]]:
+    """(train, valid, leaf dataset names) built by megatron-core, with long documents blended in if asked."""
+    blend = resolve_blend(cfg, tokenizer, cache_dir)
+    share = cfg.long_docs.weight
+    if cfg.long_docs.min_tokens <= 0 or share <= 0:
+        config = _gpt_config(cfg, blend, cfg.split, tokenizer, seq_length, seed, cache_dir)
+        train, valid, _ = _build(config, [train_samples, cfg.valid_samples, 0])
+        return train, valid, blend.names
+    subsets = long_document_blend(blend, cfg.long_docs, cfg.split, cache_dir)
+    main = Blend(blend.prefixes, blend.weights or dataset_token_counts(blend), blend.names)
+    config = _gpt_config(cfg, main, cfg.split, tokenizer, seq_length, seed, cache_dir)
+    main_train, valid, _ = _build(config, [_with_surplus(train_samples * (1 - share), config), cfg.valid_samples, 0])
+    long_config = _gpt_config(cfg, subsets, LONG_DOC_SPLIT, tokenizer, seq_length, seed, cache_dir)
+    long_train, _, _ = _build(long_config, [_with_surplus(train_samples * share, config), 0, 0])
+    # megatron-core cannot nest blends, so the final blend is over the per-dataset GPT datasets of both.
+    weights = ([w / sum(main.weights) * (1 - share) for w in main.weights]
+               + [w / sum(subsets.weights) * share for w in subsets.weights])
+    train = BlendedMegatronDatasetBuilder.build_generic_dataset(
+        BlendedDataset, lambda: True, True, _leaves(main_train) + _leaves(long_train), weights, train_samples, config)
+    return train, valid, main.names + subsets.names
 
 
 def _loader(dataset: Dataset, consumed: int, micro_batch_size: int, dp_rank: int, dp_size: int,
@@ -121,20 +162,18 @@ def build_data_iterators(cfg: DataConfig, *, run_dir: str, seq_length: int, micr
         raise DataError(f"train_samples is {train_samples}; it must be the run's total number of samples (>= 1)")
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else Path(run_dir) / CACHE_SUBDIR
     tokenizer = build_tokenizer(cfg)
-    blend = resolve_blend(cfg, tokenizer, cache_dir)
-    config = _gpt_config(cfg, blend, tokenizer, seq_length, seed, cache_dir)
-    sizes = [train_samples, cfg.valid_samples, 0]
-    train, valid, _ = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
+    with process_group_for_build():
+        train, valid, names = _datasets(cfg, tokenizer, cache_dir, seq_length, seed, train_samples)
     if train is None or len(train) == 0:
-        raise DataError(f"the blend {blend.prefixes} yields no training sample of {seq_length + 1} tokens with "
+        raise DataError(f"data.blend {cfg.blend} yields no training sample of {seq_length + 1} tokens with "
                         f"split {cfg.split!r}; add data or shorten train.seq_length")
     has_valid = valid is not None and len(valid) > 0
-    logger.info("data: %d training samples from %s, %s validation samples", len(train), blend.names,
+    logger.info("data: %d training samples from %s, %s validation samples", len(train), names,
                 len(valid) if has_valid else "no")
     return DataIterators(
         train=_loader(train, consumed_samples, micro_batch_size, dp_rank, dp_size, cfg.num_workers),
         valid=_loader(valid, 0, micro_batch_size, dp_rank, dp_size, cfg.num_workers) if has_valid else None,
         tokenizer=tokenizer,
-        dataset_names=blend.names,
+        dataset_names=names,
         train_size=len(train),
     )

@@ -74,11 +74,12 @@ def _shard_prefix(work: Path, source_index: int, chunk: int) -> str:
 def _prepare_work_dir(work: Path, manifest: dict) -> None:
     work.mkdir(parents=True, exist_ok=True)
     path = work / MANIFEST
-    if path.exists():
-        if json.loads(path.read_text()) != manifest:
+    if path.exists() and json.loads(path.read_text()) != manifest:
+        if any(work.glob("*.idx")):
             raise DataError(f"{work} holds shards of a different preprocessing run (other inputs, tokenizer or "
                             f"options); delete {work} or choose another --output")
-        return
+        shutil.rmtree(work)  # an earlier run that finished no shard: nothing worth keeping
+        work.mkdir(parents=True)
     path.write_text(json.dumps(manifest, indent=1))
 
 
@@ -103,6 +104,7 @@ class _ShardRunner:
         self.pending: Dict[Future, str] = {}
         self.total = ShardStats()
         self.tokens_this_run = 0
+        self.reused = 0
         self.started = time.perf_counter()
 
     def submit(self, task: ShardTask) -> None:
@@ -112,6 +114,7 @@ class _ShardRunner:
 
     def reuse(self, stats: ShardStats) -> None:
         self.total.add(stats, self.cfg.examples_per_reason)
+        self.reused += 1
 
     def drain(self) -> None:
         while self.pending:
@@ -147,7 +150,6 @@ def _process_shards(cfg: PreprocessConfig, sources: List[Source], work: Path, to
                     workers: int) -> Tuple[List[str], ShardStats, int]:
     done_marker = [work / f"{index:05d}{SOURCE_DONE}" for index in range(len(sources))]
     counts: Dict[int, int] = {}
-    reused = 0
     # fork: workers inherit the loaded modules instead of re-importing torch and megatron-core.
     context = multiprocessing.get_context("fork")
     bar = tqdm(desc="preprocess", unit="doc", unit_scale=True, dynamic_ncols=True, disable=None)
@@ -159,7 +161,6 @@ def _process_shards(cfg: PreprocessConfig, sources: List[Source], work: Path, to
                 counts[index] = json.loads(done_marker[index].read_text())["shards"]
                 for chunk in range(counts[index]):
                     runner.reuse(load_stats(_shard_prefix(work, index, chunk)))
-                reused += counts[index]
                 continue
             counts[index] = _run_source(runner, cfg, work, index, source)
         runner.drain()
@@ -168,7 +169,7 @@ def _process_shards(cfg: PreprocessConfig, sources: List[Source], work: Path, to
         if not marker.exists():
             marker.write_text(json.dumps({"shards": counts[index]}))
     prefixes = [_shard_prefix(work, index, chunk) for index in range(len(sources)) for chunk in range(counts[index])]
-    return prefixes, runner.total, reused
+    return prefixes, runner.total, runner.reused
 
 
 def _length_summary(prefixes: List[str]) -> Dict[str, float]:
