@@ -27,6 +27,8 @@ setup(
         "wandb>=0.18",
         "numpy>=1.26",
         "tqdm>=4.66",
+        # megatron-core's checkpoint writer processes need it but megatron-core does not declare it.
+        "psutil>=5.9",
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]>=2.8"],

@@ -133,7 +133,9 @@ def _unwrapped(chunk: torch.nn.Module) -> torch.nn.Module:
 def _model_sharded_state_dict(model_chunks: Sequence[torch.nn.Module]) -> Dict[str, Any]:
     # Layer keys inside are global (megatron offsets them per pipeline stage), so the nesting by chunk does
     # not tie the checkpoint to a pipeline layout.
-    return {f"model{i}": _unwrapped(chunk).sharded_state_dict() for i, chunk in enumerate(model_chunks)}
+    # An empty metadata dict is filled in place with the data-parallel group, which the MTP block's tied
+    # embedding copy needs on a pipeline stage without the embedding.
+    return {f"model{i}": _unwrapped(chunk).sharded_state_dict(metadata={}) for i, chunk in enumerate(model_chunks)}
 
 
 def _rng_state() -> Dict[str, Any]:
@@ -270,7 +272,8 @@ def load_checkpoint(
     for i, chunk in enumerate(model_chunks):
         _unwrapped(chunk).load_state_dict(loaded[f"model{i}"])
     if load_optimizer:
-        optimizer.load_state_dict(loaded["optimizer"])
+        with torch.no_grad():  # main parameters are views of leaf tensors under the distributed optimizer
+            optimizer.load_state_dict(loaded["optimizer"])
     if same_layout:
         _set_rng_state(loaded["rng_state"])
     return TrainState(**{key: meta[key] for key in TrainState.__dataclass_fields__ if key in meta})
