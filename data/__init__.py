@@ -16,7 +16,15 @@ _EXPORTS = {
     "stage_config": "mimo.data.stages",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "DataError",
+    "DataIterators",
+    "MimoTokenizer",
+    "build_data_iterators",
+    "build_tokenizer",
+    "check_vocab",
+    "stage_config",
+]
 
 
 def __getattr__(name: str):

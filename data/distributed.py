@@ -1,10 +1,9 @@
 """Build-once coordination: one rank writes shared files while the others wait, then all read."""
 
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator
 
 import torch.distributed as dist
-
 from mimo.data.errors import DataError
 
 
@@ -23,7 +22,7 @@ def rank_zero_first(build: Callable[[], None], is_done: Callable[[], bool], what
     if dist.get_rank() == 0:
         try:
             build()
-        except Exception as error:  # re-raised below, after releasing the other ranks
+        except Exception as error:  # noqa: BLE001 - re-raised below, after releasing the other ranks
             failure = error
     dist.barrier()
     if failure is not None:

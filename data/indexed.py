@@ -7,8 +7,8 @@ renamed into place from temporary names, so an interrupted writer never leaves a
 import gc
 import os
 import struct
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy
 from megatron.core.datasets.indexed_dataset import (
@@ -18,7 +18,6 @@ from megatron.core.datasets.indexed_dataset import (
     get_bin_path,
     get_idx_path,
 )
-
 from mimo.data.errors import DataError
 
 TMP_SUFFIX = ".tmp"
@@ -67,21 +66,25 @@ def open_indexed(prefix: str) -> IndexedDataset:
     idx_path, bin_path = get_idx_path(prefix), get_bin_path(prefix)
     for path in (idx_path, bin_path):
         if not os.path.isfile(path):
-            raise DataError(f"{path} does not exist; check the dataset prefix in data.blend "
-                            f"(a prefix names the .bin/.idx pair without extension) or run mimo-preprocess")
+            raise DataError(
+                f"{path} does not exist; check the dataset prefix in data.blend "
+                f"(a prefix names the .bin/.idx pair without extension) or run mimo-preprocess"
+            )
     try:
         dataset = IndexedDataset(prefix, mmap=True)
     except (AssertionError, ValueError, struct.error) as error:
-        raise DataError(f"{idx_path} is not a readable megatron-core index ({error}); "
-                        f"re-create it with mimo-preprocess") from error
+        raise DataError(
+            f"{idx_path} is not a readable megatron-core index ({error}); re-create it with mimo-preprocess"
+        ) from error
     lengths, pointers = dataset.index.sequence_lengths, dataset.index.sequence_pointers
     expected = int(pointers[-1]) + int(lengths[-1]) * dataset.index.dtype_size if len(lengths) else 0
     actual = os.path.getsize(bin_path)
     if actual != expected:
-        raise DataError(f"{bin_path} has {actual} bytes but {idx_path} describes {expected}: the pair "
-                        f"does not match (truncated copy or mixed-up files); re-create it with mimo-preprocess")
+        raise DataError(
+            f"{bin_path} has {actual} bytes but {idx_path} describes {expected}: the pair "
+            f"does not match (truncated copy or mixed-up files); re-create it with mimo-preprocess"
+        )
     return dataset
-
 
 
 def document_lengths(prefix: str) -> numpy.ndarray:

@@ -10,25 +10,24 @@ many micro-batches the loop draws per step.
 
 import logging
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 from megatron.core.datasets.blended_dataset import BlendedDataset
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
-from torch.utils.data import DataLoader, Dataset, Sampler
-
 from mimo.data.blend import Blend, dataset_token_counts, long_document_blend, resolve_blend
 from mimo.data.config import DataConfig
 from mimo.data.distributed import process_group_for_build
 from mimo.data.errors import DataError
 from mimo.data.tokenizer import MimoTokenizer, build_tokenizer
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 logger = logging.getLogger(__name__)
 
-Batch = Dict[str, torch.Tensor]
+Batch = dict[str, torch.Tensor]
 CACHE_SUBDIR = "data_cache"
 INDEX_SUBDIR = "indices"
 LONG_DOC_SPLIT = "1,0,0"
@@ -39,16 +38,16 @@ LONG_DOC_SPLIT = "1,0,0"
 class DataIterators:
     train: Iterator[Batch]
     """Endless micro-batches for this data-parallel rank."""
-    valid: Optional[Iterator[Batch]]
+    valid: Iterator[Batch] | None
     """Endless validation micro-batches (cycling over data.valid_samples), or None without a validation split."""
     tokenizer: MimoTokenizer
-    dataset_names: List[str]
+    dataset_names: list[str]
     """Label of each blended dataset; a micro-batch's ``dataset_id`` indexes this list."""
     train_size: int
     """Distinct training samples built; the order repeats after this many."""
 
 
-def _leaves(dataset: Dataset) -> List[Dataset]:
+def _leaves(dataset: Dataset) -> list[Dataset]:
     return list(dataset.datasets) if isinstance(dataset, BlendedDataset) else [dataset]
 
 
@@ -70,7 +69,7 @@ class _GlobalSamples(Dataset):
         return sample
 
 
-class _GlobalOrderSampler(Sampler[List[int]]):
+class _GlobalOrderSampler(Sampler[list[int]]):
     """Yields this rank's slice of each successive window of ``micro_batch_size * dp_size`` samples."""
 
     def __init__(self, consumed_samples: int, micro_batch_size: int, dp_rank: int, dp_size: int) -> None:
@@ -79,7 +78,7 @@ class _GlobalOrderSampler(Sampler[List[int]]):
         self.dp_rank = dp_rank
         self.dp_size = dp_size
 
-    def __iter__(self) -> Iterator[List[int]]:
+    def __iter__(self) -> Iterator[list[int]]:
         start = self.consumed_samples + self.dp_rank * self.micro_batch_size
         window = self.micro_batch_size * self.dp_size
         while True:
@@ -89,13 +88,16 @@ class _GlobalOrderSampler(Sampler[List[int]]):
 
 def _check_layout(micro_batch_size: int, dp_rank: int, dp_size: int, consumed_samples: int) -> None:
     if micro_batch_size < 1 or dp_size < 1 or not 0 <= dp_rank < dp_size or consumed_samples < 0:
-        raise DataError(f"bad data layout: micro_batch_size={micro_batch_size}, dp_rank={dp_rank}, "
-                        f"dp_size={dp_size}, consumed_samples={consumed_samples}; need micro_batch_size >= 1, "
-                        f"0 <= dp_rank < dp_size, consumed_samples >= 0")
+        raise DataError(
+            f"bad data layout: micro_batch_size={micro_batch_size}, dp_rank={dp_rank}, "
+            f"dp_size={dp_size}, consumed_samples={consumed_samples}; need micro_batch_size >= 1, "
+            f"0 <= dp_rank < dp_size, consumed_samples >= 0"
+        )
 
 
-def _gpt_config(cfg: DataConfig, blend: Blend, split: str, tokenizer: MimoTokenizer, seq_length: int, seed: int,
-                cache_dir: Path) -> GPTDatasetConfig:
+def _gpt_config(
+    cfg: DataConfig, blend: Blend, split: str, tokenizer: MimoTokenizer, seq_length: int, seed: int, cache_dir: Path
+) -> GPTDatasetConfig:
     return GPTDatasetConfig(
         random_seed=seed,
         sequence_length=seq_length,
@@ -110,7 +112,7 @@ def _gpt_config(cfg: DataConfig, blend: Blend, split: str, tokenizer: MimoTokeni
     )
 
 
-def _build(config: GPTDatasetConfig, sizes: List[int]) -> List[Optional[Dataset]]:
+def _build(config: GPTDatasetConfig, sizes: list[int]) -> list[Dataset | None]:
     return BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
 
 
@@ -119,8 +121,9 @@ def _with_surplus(samples: float, config: GPTDatasetConfig) -> int:
     return math.ceil(samples * (1 + config.mid_level_dataset_surplus)) + 1
 
 
-def _datasets(cfg: DataConfig, tokenizer: MimoTokenizer, cache_dir: Path, seq_length: int, seed: int,
-              train_samples: int) -> Tuple[Dataset, Optional[Dataset], List[str]]:
+def _datasets(
+    cfg: DataConfig, tokenizer: MimoTokenizer, cache_dir: Path, seq_length: int, seed: int, train_samples: int
+) -> tuple[Dataset, Dataset | None, list[str]]:
     """(train, valid, leaf dataset names) built by megatron-core, with long documents blended in if asked."""
     blend = resolve_blend(cfg, tokenizer, cache_dir)
     share = cfg.long_docs.weight
@@ -135,23 +138,38 @@ def _datasets(cfg: DataConfig, tokenizer: MimoTokenizer, cache_dir: Path, seq_le
     long_config = _gpt_config(cfg, subsets, LONG_DOC_SPLIT, tokenizer, seq_length, seed, cache_dir)
     long_train, _, _ = _build(long_config, [_with_surplus(train_samples * share, config), 0, 0])
     # megatron-core cannot nest blends, so the final blend is over the per-dataset GPT datasets of both.
-    weights = ([w / sum(main.weights) * (1 - share) for w in main.weights]
-               + [w / sum(subsets.weights) * share for w in subsets.weights])
+    weights = [w / sum(main.weights) * (1 - share) for w in main.weights] + [
+        w / sum(subsets.weights) * share for w in subsets.weights
+    ]
     train = BlendedMegatronDatasetBuilder.build_generic_dataset(
-        BlendedDataset, lambda: True, True, _leaves(main_train) + _leaves(long_train), weights, train_samples, config)
+        BlendedDataset, lambda: True, True, _leaves(main_train) + _leaves(long_train), weights, train_samples, config
+    )
     return train, valid, main.names + subsets.names
 
 
-def _loader(dataset: Dataset, consumed: int, micro_batch_size: int, dp_rank: int, dp_size: int,
-            num_workers: int) -> Iterator[Batch]:
+def _loader(
+    dataset: Dataset, consumed: int, micro_batch_size: int, dp_rank: int, dp_size: int, num_workers: int
+) -> Iterator[Batch]:
     sampler = _GlobalOrderSampler(consumed, micro_batch_size, dp_rank, dp_size)
-    return iter(DataLoader(_GlobalSamples(dataset), batch_sampler=sampler, num_workers=num_workers,
-                           persistent_workers=num_workers > 0))
+    return iter(
+        DataLoader(
+            _GlobalSamples(dataset), batch_sampler=sampler, num_workers=num_workers, persistent_workers=num_workers > 0
+        )
+    )
 
 
-def build_data_iterators(cfg: DataConfig, *, run_dir: str, seq_length: int, micro_batch_size: int,
-                         train_samples: int, consumed_samples: int, dp_rank: int, dp_size: int,
-                         seed: int) -> DataIterators:
+def build_data_iterators(
+    cfg: DataConfig,
+    *,
+    run_dir: str,
+    seq_length: int,
+    micro_batch_size: int,
+    train_samples: int,
+    consumed_samples: int,
+    dp_rank: int,
+    dp_size: int,
+    seed: int,
+) -> DataIterators:
     """Builds (or reuses from the cache) the datasets of ``cfg`` and this rank's iterators.
 
     Call it on every rank (megatron-core's builder synchronises them with barriers). The sample order
@@ -165,11 +183,14 @@ def build_data_iterators(cfg: DataConfig, *, run_dir: str, seq_length: int, micr
     with process_group_for_build():
         train, valid, names = _datasets(cfg, tokenizer, cache_dir, seq_length, seed, train_samples)
     if train is None or len(train) == 0:
-        raise DataError(f"data.blend {cfg.blend} yields no training sample of {seq_length + 1} tokens with "
-                        f"split {cfg.split!r}; add data or shorten train.seq_length")
+        raise DataError(
+            f"data.blend {cfg.blend} yields no training sample of {seq_length + 1} tokens with "
+            f"split {cfg.split!r}; add data or shorten train.seq_length"
+        )
     has_valid = valid is not None and len(valid) > 0
-    logger.info("data: %d training samples from %s, %s validation samples", len(train), names,
-                len(valid) if has_valid else "no")
+    logger.info(
+        "data: %d training samples from %s, %s validation samples", len(train), names, len(valid) if has_valid else "no"
+    )
     return DataIterators(
         train=_loader(train, consumed_samples, micro_batch_size, dp_rank, dp_size, cfg.num_workers),
         valid=_loader(valid, 0, micro_batch_size, dp_rank, dp_size, cfg.num_workers) if has_valid else None,

@@ -15,14 +15,12 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, Iterator, List, Tuple
 
 import numpy
-from tqdm import tqdm
-
 from mimo.data.config import PreprocessConfig
 from mimo.data.errors import DataError
 from mimo.data.indexed import TMP_SUFFIX, document_lengths, is_complete, merge_indexed, token_dtype
@@ -30,6 +28,7 @@ from mimo.data.shards import SKIP_REASONS, ShardStats, ShardTask, init_worker, l
 from mimo.data.sources import Source, discover, read_records
 from mimo.data.tokenizer import MimoTokenizer
 from mimo.data.train_tokenizer import SHIPPED_TOKENIZER_DIR
+from tqdm import tqdm
 
 MANIFEST = "manifest.json"
 SOURCE_DONE = ".done.json"
@@ -42,11 +41,11 @@ class Summary:
     records: int
     documents: int
     tokens: int
-    skipped: Dict[str, int]
-    examples: Dict[str, List[str]]
-    lengths: Dict[str, float]
+    skipped: dict[str, int]
+    examples: dict[str, list[str]]
+    lengths: dict[str, float]
     """Document length distribution in tokens (end-of-document included)."""
-    outputs: List[str]
+    outputs: list[str]
     """The dataset prefixes written: the merged one, or the shards of the blend."""
     seconds: float = 0.0
     shards_reused: int = 0
@@ -55,12 +54,20 @@ class Summary:
     manifest: dict = field(default_factory=dict)
 
 
-def _manifest(cfg: PreprocessConfig, sources: List[Source], tokenizer: MimoTokenizer) -> dict:
+def _manifest(cfg: PreprocessConfig, sources: list[Source], tokenizer: MimoTokenizer) -> dict:
     """What the output depends on; a work directory or output made from anything else is refused."""
-    files = [{"path": os.path.abspath(f), "size": os.path.getsize(f), "mtime_ns": os.stat(f).st_mtime_ns}
-             for source in sources for f in source.files]
-    return {"files": files, "kinds": [source.kind for source in sources], "tokenizer": tokenizer.fingerprint,
-            "text_field": cfg.text_field, "shard_documents": cfg.shard_documents}
+    files = [
+        {"path": os.path.abspath(f), "size": os.path.getsize(f), "mtime_ns": os.stat(f).st_mtime_ns}
+        for source in sources
+        for f in source.files
+    ]
+    return {
+        "files": files,
+        "kinds": [source.kind for source in sources],
+        "tokenizer": tokenizer.fingerprint,
+        "text_field": cfg.text_field,
+        "shard_documents": cfg.shard_documents,
+    }
 
 
 def _work_dir(cfg: PreprocessConfig) -> Path:
@@ -76,8 +83,10 @@ def _prepare_work_dir(work: Path, manifest: dict) -> None:
     path = work / MANIFEST
     if path.exists() and json.loads(path.read_text()) != manifest:
         if any(work.glob("*.idx")):
-            raise DataError(f"{work} holds shards of a different preprocessing run (other inputs, tokenizer or "
-                            f"options); delete {work} or choose another --output")
+            raise DataError(
+                f"{work} holds shards of a different preprocessing run (other inputs, tokenizer or "
+                f"options); delete {work} or choose another --output"
+            )
         shutil.rmtree(work)  # an earlier run that finished no shard: nothing worth keeping
         work.mkdir(parents=True)
     path.write_text(json.dumps(manifest, indent=1))
@@ -101,7 +110,7 @@ class _ShardRunner:
     def __init__(self, cfg: PreprocessConfig, pool: ProcessPoolExecutor, workers: int, bar: tqdm) -> None:
         self.cfg, self.pool, self.bar = cfg, pool, bar
         self.limit = workers * cfg.in_flight_per_worker
-        self.pending: Dict[Future, str] = {}
+        self.pending: dict[Future, str] = {}
         self.total = ShardStats()
         self.tokens_this_run = 0
         self.reused = 0
@@ -135,26 +144,28 @@ class _ShardRunner:
 def _run_source(runner: _ShardRunner, cfg: PreprocessConfig, work: Path, index: int, source: Source) -> int:
     """Submits the unfinished shards of one source; returns its shard count."""
     chunk = -1
-    for chunk, records in enumerate(_chunks(read_records(source, cfg.text_field, cfg.read_batch),
-                                            cfg.shard_documents)):
+    for chunk, records in enumerate(_chunks(read_records(source, cfg.text_field, cfg.read_batch), cfg.shard_documents)):
         prefix = _shard_prefix(work, index, chunk)
         if shard_complete(prefix):
             runner.reuse(load_stats(prefix))
             continue
-        runner.submit(ShardTask(prefix, source, chunk * cfg.shard_documents, records, cfg.text_field,
-                                cfg.examples_per_reason))
+        runner.submit(
+            ShardTask(prefix, source, chunk * cfg.shard_documents, records, cfg.text_field, cfg.examples_per_reason)
+        )
     return chunk + 1
 
 
-def _process_shards(cfg: PreprocessConfig, sources: List[Source], work: Path, tokenizer_path: Path,
-                    workers: int) -> Tuple[List[str], ShardStats, int]:
+def _process_shards(
+    cfg: PreprocessConfig, sources: list[Source], work: Path, tokenizer_path: Path, workers: int
+) -> tuple[list[str], ShardStats, int]:
     done_marker = [work / f"{index:05d}{SOURCE_DONE}" for index in range(len(sources))]
-    counts: Dict[int, int] = {}
+    counts: dict[int, int] = {}
     # fork: workers inherit the loaded modules instead of re-importing torch and megatron-core.
     context = multiprocessing.get_context("fork")
     bar = tqdm(desc="preprocess", unit="doc", unit_scale=True, dynamic_ncols=True, disable=None)
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=init_worker,
-                             initargs=(str(tokenizer_path),)) as pool:
+    with ProcessPoolExecutor(
+        workers, mp_context=context, initializer=init_worker, initargs=(str(tokenizer_path),)
+    ) as pool:
         runner = _ShardRunner(cfg, pool, workers, bar)
         for index, source in enumerate(sources):
             if done_marker[index].exists():
@@ -172,7 +183,7 @@ def _process_shards(cfg: PreprocessConfig, sources: List[Source], work: Path, to
     return prefixes, runner.total, runner.reused
 
 
-def _length_summary(prefixes: List[str]) -> Dict[str, float]:
+def _length_summary(prefixes: list[str]) -> dict[str, float]:
     lengths = numpy.concatenate([document_lengths(prefix) for prefix in prefixes] or [[]])
     if lengths.size == 0:
         return {}
@@ -181,7 +192,7 @@ def _length_summary(prefixes: List[str]) -> Dict[str, float]:
     return summary
 
 
-def _finish(cfg: PreprocessConfig, shards: List[str], dtype: type) -> List[str]:
+def _finish(cfg: PreprocessConfig, shards: list[str], dtype: type) -> list[str]:
     """Merges the shards into <output> or lists the non-empty ones in <output>.blend.txt."""
     if cfg.merge:
         merge_indexed(cfg.output, shards, dtype)
@@ -227,10 +238,18 @@ def preprocess(cfg: PreprocessConfig) -> Summary:
     workers = cfg.workers or os.cpu_count() or 1
     shards, totals, reused = _process_shards(cfg, sources, work, tokenizer_path, workers)
     outputs = _finish(cfg, shards, token_dtype(tokenizer.vocab_size))
-    summary = Summary(records=totals.records, documents=totals.documents, tokens=totals.tokens,
-                      skipped=totals.skipped, examples=totals.examples, lengths=_length_summary(outputs),
-                      outputs=outputs, seconds=time.perf_counter() - started, shards_reused=reused,
-                      manifest=manifest)
+    summary = Summary(
+        records=totals.records,
+        documents=totals.documents,
+        tokens=totals.tokens,
+        skipped=totals.skipped,
+        examples=totals.examples,
+        lengths=_length_summary(outputs),
+        outputs=outputs,
+        seconds=time.perf_counter() - started,
+        shards_reused=reused,
+        manifest=manifest,
+    )
     tmp = str(_stats_path(cfg)) + TMP_SUFFIX
     Path(tmp).write_text(json.dumps(asdict(summary), indent=1))
     os.replace(tmp, _stats_path(cfg))
@@ -242,12 +261,16 @@ def preprocess(cfg: PreprocessConfig) -> Summary:
 def format_summary(summary: Summary) -> str:
     seconds = max(summary.seconds, 1e-9)
     if summary.up_to_date:
-        return f"{', '.join(summary.outputs)}: already up to date with these inputs ({summary.documents:,} documents, " \
-               f"{summary.tokens:,} tokens); nothing to do"
+        return (
+            f"{', '.join(summary.outputs)}: already up to date with these inputs ({summary.documents:,} documents, "
+            f"{summary.tokens:,} tokens); nothing to do"
+        )
     lines = [
         f"records read: {summary.records:,}   documents written: {summary.documents:,}   tokens: {summary.tokens:,}",
-        f"time: {summary.seconds:.1f}s ({summary.documents / seconds:,.0f} documents/s, "
-        f"{summary.tokens / seconds:,.0f} tokens/s; {summary.shards_reused} shards reused)",
+        (
+            f"time: {summary.seconds:.1f}s ({summary.documents / seconds:,.0f} documents/s, "
+            f"{summary.tokens / seconds:,.0f} tokens/s; {summary.shards_reused} shards reused)"
+        ),
     ]
     for reason in SKIP_REASONS:
         count = summary.skipped.get(reason, 0)
@@ -255,16 +278,16 @@ def format_summary(summary: Summary) -> str:
             lines.append(f"skipped {reason}: {count:,} (e.g. {'; '.join(summary.examples[reason])})")
     if summary.lengths:
         lengths = summary.lengths
-        lines.append("document tokens: " + ", ".join(
-            f"{key} {value:,.0f}" for key, value in lengths.items()))
+        lines.append("document tokens: " + ", ".join(f"{key} {value:,.0f}" for key, value in lengths.items()))
     lines.append("output: " + (summary.outputs[0] if len(summary.outputs) == 1 else f"{len(summary.outputs)} shards"))
     return "\n".join(lines)
 
 
-def _parse_args(argv: List[str]) -> PreprocessConfig:
+def _parse_args(argv: list[str]) -> PreprocessConfig:
     defaults = PreprocessConfig()
-    parser = argparse.ArgumentParser(prog="mimo-preprocess", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="mimo-preprocess", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--input", nargs="+", required=True, help="files or directories")
     parser.add_argument("--tokenizer", default=None, help="local HF tokenizer directory (default: shipped)")
     parser.add_argument("--output", required=True, help="output prefix (writes PREFIX.bin/.idx)")
@@ -276,13 +299,21 @@ def _parse_args(argv: List[str]) -> PreprocessConfig:
     parser.add_argument("--no-merge", action="store_true", help="keep shards and list them as a blend")
     parser.add_argument("--keep-shards", action="store_true")
     args = parser.parse_args(argv)
-    return PreprocessConfig(inputs=args.input, tokenizer=args.tokenizer, output=args.output,
-                            text_field=args.text_field, format=args.format, workers=args.workers,
-                            shard_documents=args.shard_documents, read_batch=args.read_batch,
-                            merge=not args.no_merge, keep_shards=args.keep_shards)
+    return PreprocessConfig(
+        inputs=args.input,
+        tokenizer=args.tokenizer,
+        output=args.output,
+        text_field=args.text_field,
+        format=args.format,
+        workers=args.workers,
+        shard_documents=args.shard_documents,
+        read_batch=args.read_batch,
+        merge=not args.no_merge,
+        keep_shards=args.keep_shards,
+    )
 
 
-def main(argv: List[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     cfg = _parse_args(sys.argv[1:] if argv is None else argv)
     try:
         summary = preprocess(cfg)

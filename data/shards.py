@@ -9,7 +9,6 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
 
 from mimo.data.indexed import TMP_SUFFIX, is_complete, token_dtype, write_indexed
 from mimo.data.sources import REPLACEMENT, Source
@@ -35,8 +34,8 @@ class ShardStats:
     records: int = 0
     documents: int = 0
     tokens: int = 0
-    skipped: Dict[str, int] = field(default_factory=lambda: dict.fromkeys(SKIP_REASONS, 0))
-    examples: Dict[str, List[str]] = field(default_factory=lambda: {reason: [] for reason in SKIP_REASONS})
+    skipped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SKIP_REASONS, 0))
+    examples: dict[str, list[str]] = field(default_factory=lambda: {reason: [] for reason in SKIP_REASONS})
 
     def add(self, other: "ShardStats", examples_per_reason: int) -> None:
         self.records += other.records
@@ -45,10 +44,10 @@ class ShardStats:
         for reason in SKIP_REASONS:
             self.skipped[reason] += other.skipped[reason]
             room = examples_per_reason - len(self.examples[reason])
-            self.examples[reason].extend(other.examples[reason][:max(room, 0)])
+            self.examples[reason].extend(other.examples[reason][: max(room, 0)])
 
 
-def classify(kind: str, raw, text_field: str) -> Tuple[Optional[str], Optional[str]]:
+def classify(kind: str, raw, text_field: str) -> tuple[str | None, str | None]:
     """(text, None) for a usable record, else (None, one of SKIP_REASONS)."""
     if kind in ("jsonl", "text") and isinstance(raw, str) and REPLACEMENT in raw:
         return None, "undecodable"

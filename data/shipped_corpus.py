@@ -9,8 +9,8 @@ import argparse
 import gzip
 import json
 import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, List
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 CORPUS_FILE = ASSETS / "corpus" / "jargon.jsonl.gz"
@@ -32,7 +32,7 @@ def shipped_corpus_path() -> Path:
     return CORPUS_FILE
 
 
-def _reflow(lines: List[str]) -> str:
+def _reflow(lines: list[str]) -> str:
     """Joins wrapped prose lines into paragraphs but keeps tables, lists and verse as laid out."""
     paragraphs, current = [], []
     for line in lines + [""]:
@@ -44,7 +44,7 @@ def _reflow(lines: List[str]) -> str:
             if is_prose:
                 paragraphs.append(" ".join(l.strip() for l in current))
             else:
-                paragraphs.append("\n".join(l[len(_BODY_INDENT):] if l.startswith(_BODY_INDENT) else l for l in current))
+                paragraphs.append("\n".join(l.removeprefix(_BODY_INDENT) for l in current))
             current = []
     return _CROSS_REF.sub(r"\1", "\n\n".join(paragraphs)).strip()
 

@@ -7,19 +7,24 @@ reader. Undecodable bytes are decoded as U+FFFD, and a record containing U+FFFD 
 """
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List
 
 from datasets import load_dataset
-
 from mimo.data.errors import DataError
 
 KINDS = ("jsonl", "parquet", "arrow", "text")
 _SUFFIXES = {
-    ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl",
-    ".parquet": "parquet", ".arrow": "arrow",
-    ".txt": "text", ".text": "text", ".md": "text", ".rst": "text",
+    ".jsonl": "jsonl",
+    ".json": "jsonl",
+    ".ndjson": "jsonl",
+    ".parquet": "parquet",
+    ".arrow": "arrow",
+    ".txt": "text",
+    ".text": "text",
+    ".md": "text",
+    ".rst": "text",
 }
 _COMPRESSED = (".gz", ".bz2", ".xz", ".zst")
 REPLACEMENT = "\ufffd"
@@ -30,7 +35,7 @@ class Source:
     """Files read as one record stream: a single file, or all plain-text files of one directory."""
 
     kind: str
-    files: List[str]
+    files: list[str]
 
     def location(self, record: int) -> str:
         """Where record ``record`` (0-based within this source) lives, for reports."""
@@ -45,23 +50,21 @@ def _kind_of(path: Path, forced: str) -> str:
         return forced
     name = path.name.lower()
     for suffix in _COMPRESSED:
-        if name.endswith(suffix):
-            name = name[: -len(suffix)]
+        name = name.removesuffix(suffix)
     return _SUFFIXES.get(Path(name).suffix, "")
 
 
-def discover(inputs: List[str], forced_format: str = "auto") -> List[Source]:
+def discover(inputs: list[str], forced_format: str = "auto") -> list[Source]:
     """Sources in a fixed order (inputs as given, directories walked in sorted order)."""
     if forced_format not in KINDS + ("auto",):
         raise DataError(f"--format {forced_format!r} is not one of auto, {', '.join(KINDS)}")
-    sources: List[Source] = []
+    sources: list[Source] = []
     for item in inputs:
         path = Path(item)
         if path.is_file():
             kind = _kind_of(path, forced_format)
             if not kind:
-                raise DataError(f"cannot tell the format of {path} from its name; pass --format "
-                                f"({', '.join(KINDS)})")
+                raise DataError(f"cannot tell the format of {path} from its name; pass --format ({', '.join(KINDS)})")
             sources.append(Source(kind, [str(path)]))
         elif path.is_dir():
             sources.extend(_discover_dir(path, forced_format))
@@ -72,12 +75,9 @@ def discover(inputs: List[str], forced_format: str = "auto") -> List[Source]:
     return sources
 
 
-def _discover_dir(directory: Path, forced_format: str) -> List[Source]:
+def _discover_dir(directory: Path, forced_format: str) -> list[Source]:
     files = sorted(
-        Path(root) / name
-        for root, dirs, names in os.walk(directory)
-        for name in names
-        if not name.startswith(".")
+        Path(root) / name for root, dirs, names in os.walk(directory) for name in names if not name.startswith(".")
     )
     sources, texts = [], []
     for file in files:
@@ -96,8 +96,14 @@ def read_records(source: Source, text_field: str, batch_size: int) -> Iterator[l
     try:
         if source.kind in ("jsonl", "text"):
             sample_by = "document" if source.kind == "text" else "line"
-            dataset = load_dataset("text", data_files=source.files, split="train", streaming=True,
-                                   sample_by=sample_by, encoding_errors="replace")
+            dataset = load_dataset(
+                "text",
+                data_files=source.files,
+                split="train",
+                streaming=True,
+                sample_by=sample_by,
+                encoding_errors="replace",
+            )
             column = "text"
         else:
             # Parquet reads only the wanted column from disk; Arrow IPC files are read whole anyway.
@@ -110,5 +116,7 @@ def read_records(source: Source, text_field: str, batch_size: int) -> Iterator[l
     except DataError:
         raise
     except Exception as error:
-        raise DataError(f"cannot read {source.files[0] if len(source.files) == 1 else source.files} as "
-                        f"{source.kind}: {error}; fix or remove the file (or pass --format / --text-field)") from error
+        raise DataError(
+            f"cannot read {source.files[0] if len(source.files) == 1 else source.files} as "
+            f"{source.kind}: {error}; fix or remove the file (or pass --format / --text-field)"
+        ) from error

@@ -16,8 +16,10 @@ def stage_config(cfg: DataConfig, name: str) -> DataConfig:
         return cfg
     stages = {stage.name: stage for stage in cfg.stages}
     if name not in stages:
-        raise DataError(f"data.stages has no stage named {name!r} (it has {sorted(stages)}); "
-                        f"add one or rename it to match schedule.stages")
+        raise DataError(
+            f"data.stages has no stage named {name!r} (it has {sorted(stages)}); "
+            f"add one or rename it to match schedule.stages"
+        )
     stage = stages[name]
     return dataclasses.replace(
         cfg,

@@ -2,16 +2,15 @@
 
 import hashlib
 from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
-from typing import List, Sequence
 
 import numpy
 from megatron.core.tokenizers import MegatronTokenizerBase
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
-
 from mimo.data.config import DataConfig
 from mimo.data.errors import DataError
 from mimo.data.train_tokenizer import SHIPPED_TOKENIZER_DIR
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -24,15 +23,19 @@ def tokenizer_dir(cfg: DataConfig) -> Path:
 def load_hf_tokenizer(path: Path) -> PreTrainedTokenizerBase:
     """Loads a local tokenizer directory, refusing anything that would need the network."""
     if not path.is_dir():
-        raise DataError(f"tokenizer directory {path} does not exist; set data.tokenizer to a local "
-                        f"Hugging Face tokenizer directory, or leave it empty for the shipped tokenizer")
+        raise DataError(
+            f"tokenizer directory {path} does not exist; set data.tokenizer to a local "
+            f"Hugging Face tokenizer directory, or leave it empty for the shipped tokenizer"
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError) as error:
         raise DataError(f"cannot load the tokenizer in {path}: {error}") from error
     if tokenizer.eos_token_id is None:
-        raise DataError(f"tokenizer {path} has no eos_token; mimo appends it as the end-of-document "
-                        f"token, so set eos_token in {path}/tokenizer_config.json")
+        raise DataError(
+            f"tokenizer {path} has no eos_token; mimo appends it as the end-of-document "
+            f"token, so set eos_token in {path}/tokenizer_config.json"
+        )
     return tokenizer
 
 
@@ -77,13 +80,13 @@ class MimoTokenizer(MegatronTokenizerBase):
         """Part of megatron's index-cache key: same vocabulary, same cache, wherever it is stored."""
         return OrderedDict(cls=type(self).__name__, fingerprint=self.fingerprint)
 
-    def encode(self, text: str) -> List[int]:
+    def encode(self, text: str) -> list[int]:
         return self.hf.encode(text, add_special_tokens=False)
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.hf.decode(list(ids))
 
-    def tokenize(self, text: str) -> List[int]:
+    def tokenize(self, text: str) -> list[int]:
         return self.encode(text)
 
     def detokenize(self, ids: Sequence[int]) -> str:
@@ -104,10 +107,11 @@ def check_vocab(tokenizer: MimoTokenizer, model_vocab_size: int) -> None:
         raise DataError(
             f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens but model.vocab_size is "
             f"{model_vocab_size}; raise model.vocab_size to at least {tokenizer.vocab_size} "
-            f"(or use a smaller tokenizer via data.tokenizer)")
+            f"(or use a smaller tokenizer via data.tokenizer)"
+        )
 
 
-def encode_documents(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], dtype: type) -> List[numpy.ndarray]:
+def encode_documents(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], dtype: type) -> list[numpy.ndarray]:
     """Token ids of each text with the end-of-document id appended, in one batched (Rust-parallel) call."""
     eod = tokenizer.eos_token_id
     encoded = tokenizer(list(texts), add_special_tokens=False)["input_ids"]

@@ -7,14 +7,13 @@ Run ``python -m mimo.data.train_tokenizer`` to regenerate ``data/assets/tokenize
 import argparse
 import gzip
 import json
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
-
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
 
 from mimo.data.config import TokenizerTrainingConfig
 from mimo.data.shipped_corpus import ASSETS, shipped_corpus_path
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
 
 SHIPPED_TOKENIZER_DIR = ASSETS / "tokenizer"
 # Spelled out: in transformers 5 PreTrainedTokenizerFast is an alias whose __name__ is the v5-only backend.

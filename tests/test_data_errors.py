@@ -2,7 +2,6 @@
 
 import numpy
 import pytest
-
 from mimo.data.config import DataConfig, LongDocConfig
 from mimo.data.errors import DataError
 from mimo.data.indexed import write_indexed
@@ -21,8 +20,17 @@ def dataset(tmp_path):
 
 def _build(tmp_path, **data):
     cfg = DataConfig(cache_dir=str(tmp_path / "cache"), **data)
-    return build_data_iterators(cfg, run_dir=str(tmp_path), seq_length=16, micro_batch_size=2, train_samples=64,
-                                consumed_samples=0, dp_rank=0, dp_size=1, seed=1)
+    return build_data_iterators(
+        cfg,
+        run_dir=str(tmp_path),
+        seq_length=16,
+        micro_batch_size=2,
+        train_samples=64,
+        consumed_samples=0,
+        dp_rank=0,
+        dp_size=1,
+        seed=1,
+    )
 
 
 def test_good_dataset_builds(tmp_path, dataset):

@@ -1,14 +1,12 @@
 """Sample order, blending, resumption and long-document upsampling of build_data_iterators."""
 
 import socket
-from typing import Dict, List
 
 import numpy
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
 from mimo.data.config import DataConfig, DataStageConfig, LongDocConfig
 from mimo.data.errors import DataError
 from mimo.data.indexed import write_indexed
@@ -20,7 +18,7 @@ SEED = 1234
 EOD = 0  # the shipped tokenizer's end-of-document id
 
 
-def _synthetic(prefix: str, lengths: List[int], first_token: int) -> str:
+def _synthetic(prefix: str, lengths: list[int], first_token: int) -> str:
     """Documents whose tokens say which dataset they come from (first_token) and end with EOD."""
     rng = numpy.random.default_rng(first_token)
     docs = [numpy.concatenate([rng.integers(first_token, first_token + 50, n - 1), [EOD]]) for n in lengths]
@@ -29,7 +27,7 @@ def _synthetic(prefix: str, lengths: List[int], first_token: int) -> str:
 
 
 @pytest.fixture(scope="module")
-def datasets(tmp_path_factory) -> Dict[str, str]:
+def datasets(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("indexed")
     rng = numpy.random.default_rng(0)
     return {
@@ -40,17 +38,35 @@ def datasets(tmp_path_factory) -> Dict[str, str]:
     }
 
 
-def _iterators(cfg: DataConfig, run_dir, *, mbs: int, consumed: int = 0, dp_rank: int = 0, dp_size: int = 1,
-               train_samples: int = 400, seed: int = SEED):
-    return build_data_iterators(cfg, run_dir=str(run_dir), seq_length=SEQ, micro_batch_size=mbs,
-                                train_samples=train_samples, consumed_samples=consumed, dp_rank=dp_rank,
-                                dp_size=dp_size, seed=seed)
+def _iterators(
+    cfg: DataConfig,
+    run_dir,
+    *,
+    mbs: int,
+    consumed: int = 0,
+    dp_rank: int = 0,
+    dp_size: int = 1,
+    train_samples: int = 400,
+    seed: int = SEED,
+):
+    return build_data_iterators(
+        cfg,
+        run_dir=str(run_dir),
+        seq_length=SEQ,
+        micro_batch_size=mbs,
+        train_samples=train_samples,
+        consumed_samples=consumed,
+        dp_rank=dp_rank,
+        dp_size=dp_size,
+        seed=seed,
+    )
 
 
-def _steps(cfg, run_dir, batch_sizes: List[int], *, mbs: int, dp_size: int, consumed: int = 0):
+def _steps(cfg, run_dir, batch_sizes: list[int], *, mbs: int, dp_size: int, consumed: int = 0):
     """The global batches of consecutive steps, each as (sample ids, tokens) over all DP ranks in order."""
-    iterators = [_iterators(cfg, run_dir, mbs=mbs, consumed=consumed, dp_rank=r, dp_size=dp_size).train
-                 for r in range(dp_size)]
+    iterators = [
+        _iterators(cfg, run_dir, mbs=mbs, consumed=consumed, dp_rank=r, dp_size=dp_size).train for r in range(dp_size)
+    ]
     steps = []
     for batch_size in batch_sizes:
         micro_batches = batch_size // (mbs * dp_size)
@@ -72,10 +88,12 @@ def test_micro_batch_contents(tmp_path):
     assert batch["labels"].dtype == torch.int64 and batch["position_ids"].dtype == torch.int64
     assert batch["loss_mask"].dtype == torch.float32
     second = next(data.train)
-    assert torch.equal(batch["sample_index"], torch.tensor([0, 1])) and torch.equal(second["sample_index"], torch.tensor([2, 3]))
+    assert torch.equal(batch["sample_index"], torch.tensor([0, 1])) and torch.equal(
+        second["sample_index"], torch.tensor([2, 3])
+    )
     assert data.valid is not None and next(data.valid)["tokens"].shape == (2, SEQ)
     text = data.tokenizer.decode(batch["tokens"][0].tolist())
-    assert data.tokenizer.encode(text)[:SEQ - 4] == batch["tokens"][0].tolist()[:SEQ - 4]
+    assert data.tokenizer.encode(text)[: SEQ - 4] == batch["tokens"][0].tolist()[: SEQ - 4]
 
 
 def test_resume_with_other_dp_size_and_micro_batch_consumes_the_same_samples(tmp_path, datasets):
@@ -113,8 +131,11 @@ def test_blend_draws_datasets_in_proportion_to_weights(tmp_path, datasets):
 
 def test_long_document_upsampling(tmp_path, datasets):
     base = DataConfig(blend=[datasets["mixed"]], cache_dir=str(tmp_path / "cache"))
-    upsampled = DataConfig(blend=[datasets["mixed"]], cache_dir=str(tmp_path / "cache"),
-                           long_docs=LongDocConfig(min_tokens=400, weight=0.6))
+    upsampled = DataConfig(
+        blend=[datasets["mixed"]],
+        cache_dir=str(tmp_path / "cache"),
+        long_docs=LongDocConfig(min_tokens=400, weight=0.6),
+    )
     data = _iterators(upsampled, tmp_path, mbs=8, train_samples=800)
     assert data.dataset_names == ["mixed", "mixed>=400"]
     batches = [next(data.train) for _ in range(100)]
@@ -135,12 +156,17 @@ def test_long_document_upsampling(tmp_path, datasets):
 
 
 def test_stage_configs_select_their_own_mixture(tmp_path, datasets):
-    cfg = DataConfig(blend=[datasets["web"]], cache_dir=str(tmp_path / "cache"), stages=[
-        DataStageConfig(name="pretrain"),
-        DataStageConfig(name="code_heavy", blend=["0.2", datasets["web"], "0.8", datasets["code"]]),
-        DataStageConfig(name="long_context", long_docs=LongDocConfig(min_tokens=400, weight=0.5),
-                        blend=[datasets["mixed"]]),
-    ])
+    cfg = DataConfig(
+        blend=[datasets["web"]],
+        cache_dir=str(tmp_path / "cache"),
+        stages=[
+            DataStageConfig(name="pretrain"),
+            DataStageConfig(name="code_heavy", blend=["0.2", datasets["web"], "0.8", datasets["code"]]),
+            DataStageConfig(
+                name="long_context", long_docs=LongDocConfig(min_tokens=400, weight=0.5), blend=[datasets["mixed"]]
+            ),
+        ],
+    )
     assert stage_config(cfg, "pretrain").blend == [datasets["web"]]
     code = _iterators(stage_config(cfg, "code_heavy"), tmp_path, mbs=8, train_samples=400)
     assert code.dataset_names == ["web", "code"]
@@ -151,8 +177,13 @@ def test_stage_configs_select_their_own_mixture(tmp_path, datasets):
 
 
 def test_document_boundaries(tmp_path, datasets):
-    cfg = DataConfig(blend=[datasets["web"]], cache_dir=str(tmp_path / "cache"), reset_position_ids=True,
-                     reset_attention_mask=True, eod_mask_loss=True)
+    cfg = DataConfig(
+        blend=[datasets["web"]],
+        cache_dir=str(tmp_path / "cache"),
+        reset_position_ids=True,
+        reset_attention_mask=True,
+        eod_mask_loss=True,
+    )
     train = _iterators(cfg, tmp_path, mbs=4).train
     checked = 0
     for _ in range(10):
@@ -171,8 +202,17 @@ def test_document_boundaries(tmp_path, datasets):
 def _rank_main(rank: int, port: int, cfg: DataConfig, run_dir: str, queue) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
-        data = build_data_iterators(cfg, run_dir=run_dir, seq_length=SEQ, micro_batch_size=2, train_samples=400,
-                                    consumed_samples=4, dp_rank=rank, dp_size=2, seed=SEED)
+        data = build_data_iterators(
+            cfg,
+            run_dir=run_dir,
+            seq_length=SEQ,
+            micro_batch_size=2,
+            train_samples=400,
+            consumed_samples=4,
+            dp_rank=rank,
+            dp_size=2,
+            seed=SEED,
+        )
         queue.put((rank, [next(data.train)["sample_index"].tolist() for _ in range(3)]))
     finally:
         dist.destroy_process_group()

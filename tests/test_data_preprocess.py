@@ -14,13 +14,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from megatron.core.datasets.indexed_dataset import IndexedDataset
-from transformers import AutoTokenizer
-
 from mimo.data.config import PreprocessConfig
 from mimo.data.errors import DataError
 from mimo.data.preprocess import main, preprocess
 from mimo.data.shipped_corpus import shipped_corpus_path
 from mimo.data.train_tokenizer import SHIPPED_TOKENIZER_DIR
+from transformers import AutoTokenizer
 
 
 @pytest.fixture(scope="module")
@@ -37,13 +36,12 @@ def mixed_inputs(tmp_path_factory, texts):
     root = tmp_path_factory.mktemp("inputs")
     jsonl, parquet, text_dir = root / "a.jsonl", root / "b.parquet", root / "docs"
     with open(jsonl, "w", encoding="utf-8") as writer:
-        for text in texts[:300]:
-            writer.write(json.dumps({"text": text, "id": 1}) + "\n")
-        writer.write("\n")                               # empty
-        writer.write(json.dumps({"text": 7}) + "\n")     # non-text
-        writer.write("{not json\n")                      # undecodable
+        writer.writelines(json.dumps({"text": text, "id": 1}) + "\n" for text in texts[:300])
+        writer.write("\n")  # empty
+        writer.write(json.dumps({"text": 7}) + "\n")  # non-text
+        writer.write("{not json\n")  # undecodable
     with open(jsonl, "ab") as writer:
-        writer.write(b'{"text": "bad \xff byte"}\n')     # undecodable (invalid UTF-8)
+        writer.write(b'{"text": "bad \xff byte"}\n')  # undecodable (invalid UTF-8)
     pq.write_table(pa.table({"text": texts[300:500] + [None, "  "]}), parquet)
     text_dir.mkdir()
     for i, text in enumerate(texts[500:620]):
@@ -64,7 +62,7 @@ def _reference(expected_texts):
 
 
 def _config(inputs, output, **overrides) -> PreprocessConfig:
-    options = dict(inputs=inputs, output=str(output), workers=2, shard_documents=64, read_batch=50)
+    options = {"inputs": inputs, "output": str(output), "workers": 2, "shard_documents": 64, "read_batch": 50}
     options.update(overrides)
     return PreprocessConfig(**options)
 
@@ -104,15 +102,26 @@ def test_interrupted_run_resumes_to_identical_output(tmp_path, texts):
     big = tmp_path / "big.jsonl"
     with open(big, "w", encoding="utf-8") as writer:
         for _ in range(4):
-            for text in texts:
-                writer.write(json.dumps({"text": text}) + "\n")
-    clean = preprocess(PreprocessConfig(inputs=[str(big)], output=str(tmp_path / "clean"), workers=1,
-                                        shard_documents=200))
+            writer.writelines(json.dumps({"text": text}) + "\n" for text in texts)
+    clean = preprocess(
+        PreprocessConfig(inputs=[str(big)], output=str(tmp_path / "clean"), workers=1, shard_documents=200)
+    )
 
     killed = tmp_path / "killed"
     shards = Path(str(killed) + ".shards")
-    command = [sys.executable, "-m", "mimo.data.preprocess", "--input", str(big), "--output", str(killed),
-               "--workers", "1", "--shard-documents", "200"]
+    command = [
+        sys.executable,
+        "-m",
+        "mimo.data.preprocess",
+        "--input",
+        str(big),
+        "--output",
+        str(killed),
+        "--workers",
+        "1",
+        "--shard-documents",
+        "200",
+    ]
     process = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 120
