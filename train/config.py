@@ -50,6 +50,8 @@ class CheckpointConfig:
 @dataclass
 class LoggingConfig:
     interval: int = 10
+    progress_seconds: float = 30.0
+    """During a step that runs longer than this, say every this many seconds how many micro-batches are done."""
     wandb: str = "off"
     """off | offline | online."""
     wandb_project: str = "mimo"

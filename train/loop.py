@@ -25,7 +25,7 @@ from mimo.model.accounting import flops_per_token, parameter_counts
 from mimo.model.builder import build_model
 from mimo.model.config import ModelConfig
 from mimo.parallel.runtime import Runtime, initialize, shutdown
-from mimo.recipes import MimoConfig, to_yaml
+from mimo.recipes import ConfigError, MimoConfig, to_yaml
 from mimo.train.checkpoint import (
     TrainState,
     describe_layout_change,
@@ -34,7 +34,7 @@ from mimo.train.checkpoint import (
     read_meta,
     save_checkpoint,
 )
-from mimo.train.metrics import MetricsWriter
+from mimo.train.metrics import MetricsWriter, StepProgress
 from mimo.train.preemption import StopRequest
 from mimo.train.schedule import Schedule, ScheduledValues
 from mimo.train.step import StepResult, train_step
@@ -197,7 +197,17 @@ def run_record(cfg: MimoConfig, data: DataConfig, layout: dict) -> dict:
     }
 
 
+def check_supported(cfg: MimoConfig) -> None:
+    """Settings that are valid data-side but that the model cannot honour yet: refused, never silently ignored."""
+    if cfg.data.reset_attention_mask:
+        raise ConfigError(
+            "data.reset_attention_mask=true: MiMo attention does not mask across packed documents yet; set it to "
+            "false (data.reset_position_ids=true still restarts RoPE positions at each document)"
+        )
+
+
 def run_training(cfg: MimoConfig) -> RunSummary:
+    check_supported(cfg)
     runtime = initialize(
         cfg.parallel,
         cfg.model,
@@ -219,7 +229,7 @@ def run_training(cfg: MimoConfig) -> RunSummary:
         tokenizer = build_tokenizer(cfg.data)
         check_vocab(tokenizer, cfg.model.vocab_size)
 
-        chunks = build_model(cfg.model, cfg.parallel, cfg.precision, seq_length=cfg.train.seq_length)
+        chunks = build_model(cfg.model, cfg.parallel, cfg.precision, seq_length=cfg.train.seq_length, seed=cfg.run.seed)
         config: TransformerConfig = chunks[0].config
         chunks = wrap_ddp(chunks, config, cfg.parallel.distributed_optimizer)
         optimizer = build_optimizer(cfg, chunks, cfg.parallel.distributed_optimizer)
@@ -270,6 +280,7 @@ def _loop(cfg, runtime, chunks, optimizer, config, iterators, schedule, state, w
         desc="training", unit="step", dynamic_ncols=True,
     )
     stopped = False
+    progress = StepProgress(runtime.is_main, cfg.logging.progress_seconds)
 
     def save(stage_end: bool) -> None:
         save_checkpoint(
@@ -283,12 +294,15 @@ def _loop(cfg, runtime, chunks, optimizer, config, iterators, schedule, state, w
     while state.step < cfg.train.steps and not schedule.finished(state.consumed_tokens):
         values = schedule.at(state.consumed_tokens)
         apply_scheduled(values, optimizer, config, cfg.optim.weight_decay)
+        num_microbatches = values.global_batch_size // samples_per_microbatch
+        progress.start(state.step + 1, num_microbatches * len(chunks))
         result: StepResult = train_step(
             chunks, optimizer, iterators, config,
-            num_microbatches=values.global_batch_size // samples_per_microbatch,
+            num_microbatches=num_microbatches,
             micro_batch_size=cfg.train.micro_batch_size,
             seq_length=cfg.train.seq_length,
             device=runtime.device,
+            on_micro_batch=progress.micro_batch,
         )
         state.step += 1
         state.consumed_samples += values.global_batch_size

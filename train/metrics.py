@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -66,6 +67,32 @@ class MetricsWriter:
             self._jsonl.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+class StepProgress:
+    """Shows that a long step is alive: full-scale steps run hundreds of micro-batches for minutes."""
+
+    def __init__(self, enabled: bool, every_seconds: float):
+        self.enabled = enabled
+        self.every_seconds = every_seconds
+        self.step, self.total, self.done = 0, 0, 0
+        self._start = self._last = 0.0
+
+    def start(self, step: int, num_microbatches: int) -> None:
+        self.step, self.total, self.done = step, num_microbatches, 0
+        self._start = self._last = time.monotonic()
+
+    def micro_batch(self) -> None:
+        if not self.enabled:
+            return
+        self.done += 1
+        now = time.monotonic()
+        if now - self._last >= self.every_seconds:
+            self._last = now
+            logger.info(
+                "step %d: micro-batch %d/%d after %.0f s", self.step, min(self.done, self.total), self.total,
+                now - self._start,
+            )
 
 
 def _stable_run_id(run_dir: str) -> str:

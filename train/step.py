@@ -6,7 +6,7 @@ and its gradient are the same whatever the layout splits the global batch into.
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Dict, Iterator, List, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -43,9 +43,12 @@ def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor) -> Tuple[to
     return loss_sum, num_tokens, {"lm_loss": torch.stack([loss_sum.detach(), mask.sum()])}
 
 
-def forward_step(device: torch.device, data_iterator: Iterator[Batch], model: torch.nn.Module):
+def forward_step(
+    device: torch.device, on_micro_batch: Callable[[], None], data_iterator: Iterator[Batch], model: torch.nn.Module
+):
     """Every pipeline stage reads the same micro-batch so all iterators advance in lockstep."""
     batch = next(data_iterator)
+    on_micro_batch()
     tokens, labels, loss_mask, position_ids = (batch[key].to(device, non_blocking=True) for key in MODEL_INPUTS)
     output = model(
         input_ids=tokens,
@@ -108,12 +111,13 @@ def train_step(
     micro_batch_size: int,
     seq_length: int,
     device: torch.device,
+    on_micro_batch: Callable[[], None] = lambda: None,
 ) -> StepResult:
     for chunk in model_chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
     losses = get_forward_backward_func()(
-        forward_step_func=partial(forward_step, device),
+        forward_step_func=partial(forward_step, device, on_micro_batch),
         data_iterator=list(data_iterators) if len(model_chunks) > 1 else data_iterators[0],
         model=list(model_chunks),
         num_microbatches=num_microbatches,
