@@ -6,9 +6,9 @@ from typing import Optional, Sequence
 
 from mimo.recipes import ConfigError, load_config, recipe_argument_parser
 
-
 # Expected on machines without Transformer Engine/Apex (every CPU run): megatron-core says so at import time.
 EXPECTED_WARNINGS = (r".*(Transformer Engine|Apex).* not installed", r".*torch\.distributed\.\w+` is deprecated")
+USAGE_ERROR = 2
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -20,9 +20,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(str(err))
     for pattern in EXPECTED_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
-    from mimo.train.loop import run_training  # heavy imports only once the config is known to be valid
+    # Heavy imports only once the config is known to be valid.
+    from mimo.data.errors import DataError
+    from mimo.model.config import ModelConfigError
+    from mimo.parallel.cpu_compat import UnsupportedMegatronVersion
+    from mimo.parallel.layout import LayoutError
+    from mimo.parallel.runtime import LaunchError
+    from mimo.train.checkpoint import CheckpointError
+    from mimo.train.loop import run_training
+    from mimo.train.schedule import ScheduleError
 
-    run_training(cfg)
+    user_errors = (
+        ConfigError, LayoutError, LaunchError, ModelConfigError, DataError, CheckpointError, ScheduleError,
+        UnsupportedMegatronVersion,
+    )
+    try:
+        run_training(cfg)
+    except user_errors as err:
+        print(f"mimo-train: error: {err}", file=sys.stderr)
+        return USAGE_ERROR
     return 0
 
 
