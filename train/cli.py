@@ -1,14 +1,28 @@
 """``mimo-train`` / ``python -m mimo.train``: compose the recipe, then train."""
 
+import os
 import sys
 import warnings
 from typing import Optional, Sequence
 
-from mimo.recipes import ConfigError, load_config, recipe_argument_parser
+from mimo.model.config import ModelConfigError
+from mimo.parallel.layout import LayoutError, validate_layout
+from mimo.parallel.runtime import LaunchError, launch_env
+from mimo.recipes import ConfigError, MimoConfig, load_config, recipe_argument_parser
 
 # Expected on machines without Transformer Engine/Apex (every CPU run): megatron-core says so at import time.
 EXPECTED_WARNINGS = (r".*(Transformer Engine|Apex).* not installed", r".*torch\.distributed\.\w+` is deprecated")
 USAGE_ERROR = 2
+
+
+def preflight(cfg: MimoConfig) -> None:
+    """The checks that need neither megatron-core nor a process group, so a typo fails in a second."""
+    cfg.model.validate()
+    world_size = launch_env(os.environ, default_port=cfg.parallel.master_port).world_size
+    validate_layout(
+        cfg.parallel, cfg.model, world_size, global_batch_size=cfg.train.global_batch_size,
+        micro_batch_size=cfg.train.micro_batch_size, seq_length=cfg.train.seq_length,
+    )
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -18,14 +32,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cfg = load_config(args.overrides, config_name=args.config_name)
     except ConfigError as err:
         parser.error(str(err))
+    try:
+        preflight(cfg)
+    except (ModelConfigError, LayoutError, LaunchError) as err:
+        print(f"mimo-train: error: {err}", file=sys.stderr)
+        return USAGE_ERROR
     for pattern in EXPECTED_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
-    # Heavy imports only once the config is known to be valid.
+    # megatron-core is imported only once the config and layout are known to be valid.
     from mimo.data.errors import DataError
-    from mimo.model.config import ModelConfigError
     from mimo.parallel.cpu_compat import UnsupportedMegatronVersion
-    from mimo.parallel.layout import LayoutError
-    from mimo.parallel.runtime import LaunchError
     from mimo.train.checkpoint import CheckpointError
     from mimo.train.loop import run_training
     from mimo.train.schedule import ScheduleError
