@@ -7,7 +7,7 @@ boundaries of packed sequences, so the model is built with ``position_embedding_
 the same tensor from GPTModel).
 """
 
-from typing import Optional
+from typing import List, Optional, Tuple, Union
 
 import torch
 from megatron.core.models.gpt.gpt_model import GPTModel
@@ -20,6 +20,9 @@ class MimoGPTModel(GPTModel):
     forward; a stage given none uses 0 .. s-1. Packed documents therefore need position_ids on every stage.
     """
 
+    _return_mtp_logits = False
+    """Set for the duration of one ``forward(..., return_mtp_logits=True)`` call."""
+
     def _preprocess(self, input_ids, position_ids, *args, **kwargs):
         preprocessed = super()._preprocess(input_ids, position_ids, *args, **kwargs)
         positions = None if position_ids is None else position_ids.t()
@@ -29,16 +32,56 @@ class MimoGPTModel(GPTModel):
         """With labels: megatron's path (main loss; MTP losses attached to the graph, scaled by the live config).
 
         Without labels megatron would still run the MTP blocks and then fail on the missing labels; the MTP
-        blocks only exist to be trained, so logits come from the main model alone.
+        blocks only exist to be trained, so logits come from the main model alone, unless the caller asked for the
+        MTP blocks' logits as well (``forward(..., return_mtp_logits=True)``, for evaluating the draft heads).
         """
         if labels is None and self.mtp_process and self.post_process:
-            logits, _ = self.output_layer(hidden_states, runtime_gather_output=kwargs.get("runtime_gather_output"))
-            return logits.transpose(0, 1).contiguous()
+            gather = kwargs.get("runtime_gather_output")
+            if not self._return_mtp_logits:
+                return self._logits(hidden_states, gather)
+            stacked = self.mtp(
+                input_ids=input_ids,
+                position_ids=position_ids,
+                hidden_states=hidden_states,
+                attention_mask=kwargs.get("attention_mask"),
+                inference_params=kwargs.get("inference_params"),
+                rotary_pos_emb=kwargs.get("rotary_pos_emb"),
+                rotary_pos_cos=kwargs.get("rotary_pos_cos"),
+                rotary_pos_sin=kwargs.get("rotary_pos_sin"),
+                packed_seq_params=kwargs.get("packed_seq_params"),
+                sequence_len_offset=kwargs.get("sequence_len_offset"),
+                embedding=self.embedding,
+                **(kwargs.get("extra_block_kwargs") or {}),
+            )
+            main, *mtp = (self._logits(part, gather) for part in torch.chunk(stacked, 1 + self.config.mtp_num_layers, 0))
+            return main, mtp
         return super()._postprocess(hidden_states, input_ids, position_ids, labels, *args, **kwargs)
 
-    def forward(self, input_ids: Optional[torch.Tensor], position_ids: Optional[torch.Tensor], *args, **kwargs):
-        """MTP shifts position_ids along with input_ids, so a stage that has tokens always gets positions."""
+    def _logits(self, hidden_states: torch.Tensor, runtime_gather_output: Optional[bool]) -> torch.Tensor:
+        logits, _ = self.output_layer(hidden_states, runtime_gather_output=runtime_gather_output)
+        return logits.transpose(0, 1).contiguous()
+
+    def forward(
+        self,
+        input_ids: Optional[torch.Tensor],
+        position_ids: Optional[torch.Tensor],
+        *args,
+        return_mtp_logits: bool = False,
+        **kwargs,
+    ) -> Union[torch.Tensor, Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """MTP shifts position_ids along with input_ids, so a stage that has tokens always gets positions.
+
+        ``return_mtp_logits=True`` (evaluation, no labels) makes the last stage also run the MTP blocks and return
+        ``(logits, [mtp logits of depth 1, 2, ...])``, each [b, s, vocab]: the depth-k logits at position i predict
+        token i + 1 + k. It needs a model with MTP blocks; other stages return what they always do.
+        """
+        if return_mtp_logits and not self.config.mtp_num_layers:
+            raise ValueError("return_mtp_logits=True needs MTP blocks; this model has model.mtp_num_layers=0")
         if position_ids is None and input_ids is not None:
             batch, seq = input_ids.shape
             position_ids = torch.arange(seq, device=input_ids.device).unsqueeze(0).expand(batch, seq)
-        return super().forward(input_ids, position_ids, *args, **kwargs)
+        self._return_mtp_logits = return_mtp_logits
+        try:
+            return super().forward(input_ids, position_ids, *args, **kwargs)
+        finally:
+            self._return_mtp_logits = False
