@@ -288,6 +288,14 @@ def _check_divisible(cfg: ModelConfig, layout: ShardLayout) -> None:
         raise HFMappingError(f"ep_size={layout.ep_size} does not divide model.num_experts={cfg.num_experts}")
 
 
+def hf_names(cfg: ModelConfig, layout: ShardLayout = ShardLayout()) -> List[str]:
+    """Hub names of the HF tensors one rank's chunk is built from (the whole model with the default layout), so a
+    converter reads only those. Tensors fused into one mimo tensor are listed next to each other."""
+    cfg.validate()
+    _check_divisible(cfg, layout)
+    return [name for rule in _rules(cfg) if _holds(rule, layout, cfg) for name in rule.hf]
+
+
 def hf_to_mimo(
     hf_tensors: TensorStream,
     cfg: ModelConfig,
