@@ -1,0 +1,331 @@
+"""``mimo-eval``: loss and perplexity of a checkpoint on a dataset, and how good its MTP blocks are as drafts.
+
+The data is one token stream (documents in file order, each text followed by the end-of-document token as in
+training; ``input_ids`` records taken as they are), cut into sequences of ``train.seq_length`` tokens whose labels
+are the next tokens: sequence i holds tokens [i*S, (i+1)*S) and predicts [i*S+1, (i+1)*S+1), so every token but
+the first is predicted exactly once (``tokens`` = stream length - 1). The last sequence is padded and its padding
+masked. Positions run 0..S-1 in every sequence and attention is causal across documents, as in training.
+
+Metrics (all token-weighted over the whole dataset, computed from FP32 logits):
+
+- ``loss``: mean cross-entropy of the main model's next-token prediction; ``perplexity`` = exp(loss).
+- ``mtp_loss``: mean cross-entropy of the MTP block at depth k (k = 1 .. model.mtp_num_layers) predicting token
+  t+1+k from position t, over the positions whose target lies in the same sequence, averaged over depths
+  (``mtp_loss_per_depth`` has each; ``mtp_tokens`` counts the depth-1 positions).
+- ``mtp_acceptance``: the draft acceptance rate of greedy self-speculative decoding, teacher-forced. At position t
+  the depth-k block drafts argmax p_mtp_k(x_{t+1+k} | x_<=t+k); the main model verifies that token at position
+  t+k, where its own greedy choice is argmax p_main(x_{t+1+k} | x_<=t+k). The draft is accepted when the two
+  agree; the rate is the fraction of counted positions (the MTP loss positions) where they do. Both predictions
+  condition on the data's tokens, not on earlier drafts, so for depth 1 this is exactly the per-step acceptance of
+  the first draft token; ``mtp_acceptance_per_depth`` has each depth, and ``mtp_acceptance`` averages them.
+
+The forward passes go through megatron's pipeline schedules (``forward_only``) under any layout the command line
+asks for (``parallel.*``; launch with torchrun); the figures do not depend on it beyond float rounding.
+"""
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import sys
+import warnings
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from omegaconf import OmegaConf
+from tqdm import tqdm
+
+from mimo.data import DataError, build_tokenizer, check_vocab
+from mimo.data.tokenizer import encode_documents
+from mimo.model.builder import build_model
+from mimo.model.config import ModelConfigError
+from mimo.parallel.layout import LayoutError
+from mimo.parallel.runtime import Runtime, initialize, shutdown
+from mimo.recipes import ConfigError, MimoConfig, load_config
+from mimo.train.checkpoint import CheckpointError, load_checkpoint, read_meta
+from mimo.train.checkpoint_lookup import checkpoint_model, checkpoint_precision, resolve_checkpoint, run_config_file
+from mimo.train.cli import EXPECTED_WARNINGS
+from mimo.train.loop import chunk_iterators, layout_record, setup_logging
+
+JSONL_SUFFIXES = (".jsonl", ".json")
+TEXT_FIELD, IDS_FIELD = "text", "input_ids"
+RUN_DEFAULT_KEYS = ("data.tokenizer", "train.seq_length")
+"""Settings taken from the evaluated run's config.yaml unless the command line gives them: the text is then
+tokenized and cut as in training."""
+PAD_ID = 0
+"""Token id filling the masked tail of the last sequence (any valid id: nothing attends to it or predicts it)."""
+
+
+class EvalError(ValueError):
+    """Data or arguments mimo-eval cannot use; the message names the file, line or key."""
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    perplexity: float
+    tokens: int
+    mtp_loss: Optional[float]
+    mtp_acceptance: Optional[float]
+    mtp_tokens: int
+    mtp_loss_per_depth: List[float] = field(default_factory=list)
+    mtp_acceptance_per_depth: List[float] = field(default_factory=list)
+    sequences: int = 0
+    checkpoint: str = ""
+    step: int = 0
+
+
+@dataclass
+class Sequences:
+    tokens: np.ndarray
+    """[n, S] int64 input tokens."""
+    labels: np.ndarray
+    """[n, S] int64 next tokens."""
+    loss_mask: np.ndarray
+    """[n, S] float32: 1 where the label is a real token of the stream."""
+
+
+def read_token_stream(path: Path, tokenizer) -> np.ndarray:
+    """All documents of ``path`` as one int64 stream (see the module docstring for the formats)."""
+    path = Path(path)
+    if not path.exists():
+        raise EvalError(f"{path} does not exist; give a text file or a JSONL file with 'text' or 'input_ids'")
+    if path.suffix not in JSONL_SUFFIXES:
+        return encode_documents(tokenizer.hf, [path.read_text()], np.int64)[0]
+    documents: List[Optional[np.ndarray]] = []
+    texts: Dict[int, str] = {}
+    with path.open() as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise EvalError(f"{path}:{number}: not JSON ({err})") from err
+            if isinstance(record, dict) and IDS_FIELD in record:
+                documents.append(np.asarray(record[IDS_FIELD], dtype=np.int64))
+            elif isinstance(record, dict) and isinstance(record.get(TEXT_FIELD), str):
+                texts[len(documents)] = record[TEXT_FIELD]
+                documents.append(None)
+            else:
+                raise EvalError(f"{path}:{number}: a record needs a '{TEXT_FIELD}' string or an '{IDS_FIELD}' list")
+    encoded = dict(zip(texts, encode_documents(tokenizer.hf, list(texts.values()), np.int64))) if texts else {}
+    parts = [encoded[i] if document is None else document for i, document in enumerate(documents)]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+def to_sequences(stream: np.ndarray, seq_length: int) -> Sequences:
+    """Cut the stream into sequences of ``seq_length`` inputs and their next-token labels."""
+    predicted = len(stream) - 1
+    if predicted < 1:
+        raise EvalError(f"the data has {len(stream)} tokens; at least 2 are needed to predict one")
+    count = math.ceil(predicted / seq_length)
+    padded = np.full(count * seq_length + 1, PAD_ID, dtype=np.int64)
+    padded[: len(stream)] = stream
+    starts = np.arange(count)[:, None] * seq_length + np.arange(seq_length)[None, :]
+    return Sequences(
+        tokens=padded[starts], labels=padded[starts + 1], loss_mask=(starts < predicted).astype(np.float32)
+    )
+
+
+def _pad_to(sequences: Sequences, multiple: int) -> Sequences:
+    """Append fully masked sequences so every rank runs the same number of whole micro-batches."""
+    extra = -len(sequences.tokens) % multiple
+
+    def grow(array: np.ndarray, value) -> np.ndarray:
+        return np.concatenate([array, np.full((extra, array.shape[1]), value, array.dtype)])
+
+    return Sequences(grow(sequences.tokens, PAD_ID), grow(sequences.labels, PAD_ID), grow(sequences.loss_mask, 0.0))
+
+
+def _micro_batches(
+    sequences: Sequences, rows: range, micro_batch_size: int, device: torch.device
+) -> Iterator[Dict[str, torch.Tensor]]:
+    for start in range(rows.start, rows.stop, micro_batch_size):
+        block = slice(start, start + micro_batch_size)
+        tokens = torch.from_numpy(sequences.tokens[block])
+        yield {
+            "tokens": tokens.to(device),
+            "labels": torch.from_numpy(sequences.labels[block]).to(device),
+            "loss_mask": torch.from_numpy(sequences.loss_mask[block]).to(device),
+            "position_ids": torch.arange(tokens.shape[1], device=device).expand_as(tokens),
+        }
+
+
+def statistics(batch: Dict[str, torch.Tensor], main: torch.Tensor, mtp: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Sums over one micro-batch: [main CE, main tokens, then per MTP depth: CE, tokens, accepted drafts]."""
+    labels, mask = batch["labels"], batch["loss_mask"].double()
+    values = [_masked_ce(main, labels, mask), mask.sum()]
+    verified = main.argmax(-1)
+    for depth, logits in enumerate(mtp, start=1):
+        draft, target, counted = logits[:, :-depth], labels[:, depth:], mask[:, depth:]
+        accepted = (draft.argmax(-1) == verified[:, depth:]).double() * counted
+        values += [_masked_ce(draft, target, counted), counted.sum(), accepted.sum()]
+    return torch.stack(values)
+
+
+def _masked_ce(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    per_token = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none")
+    return (per_token.double() * mask.flatten()).sum()
+
+
+def _forward_step(with_mtp: bool, data_iterator, model):
+    batch = next(data_iterator)
+    output = model(batch["tokens"], batch["position_ids"], None, runtime_gather_output=True, return_mtp_logits=with_mtp)
+
+    def reduce(output_tensor):
+        main, mtp = output_tensor if with_mtp else (output_tensor, [])
+        sums = statistics(batch, main, mtp)
+        return sums[0].clone().float(), sums[1].clone().int(), {"sums": sums}
+
+    return output, reduce
+
+
+def _result(sums: torch.Tensor, depths: int, sequences: int, checkpoint: Path, step: int) -> EvalResult:
+    tokens = int(sums[1].item())
+    loss = (sums[0] / max(tokens, 1)).item()
+    per_depth = sums[2:].view(depths, 3) if depths else torch.zeros(0, 3, dtype=sums.dtype)
+    mtp_tokens = int(per_depth[0, 1].item()) if depths else 0
+    mtp_losses = [(row[0] / row[1].clamp(min=1)).item() for row in per_depth]
+    acceptance = [(row[2] / row[1].clamp(min=1)).item() for row in per_depth]
+    return EvalResult(
+        loss=loss,
+        perplexity=math.exp(loss),
+        tokens=tokens,
+        mtp_loss=sum(mtp_losses) / depths if depths else None,
+        mtp_acceptance=sum(acceptance) / depths if depths else None,
+        mtp_tokens=mtp_tokens,
+        mtp_loss_per_depth=mtp_losses,
+        mtp_acceptance_per_depth=acceptance,
+        sequences=sequences,
+        checkpoint=str(checkpoint),
+        step=step,
+    )
+
+
+def eval_overrides(checkpoint: Path, overrides: Sequence[str]) -> List[str]:
+    """The command line's overrides, preceded by the run's tokenizer and sequence length when it does not set them."""
+    run_config = run_config_file(checkpoint)
+    if run_config is None:
+        return list(overrides)
+    saved = OmegaConf.load(run_config)
+    given = {override.lstrip("+").split("=", 1)[0] for override in overrides}
+    defaults = []
+    for key in RUN_DEFAULT_KEYS:
+        value = OmegaConf.select(saved, key)
+        if key not in given and value is not None:
+            defaults.append(f"{key}={value}")
+    return defaults + list(overrides)
+
+
+def evaluate(ckpt_dir: Path, data: Path, overrides: Sequence[str] = (), config_name: str = "config") -> EvalResult:
+    """Evaluate the checkpoint ``ckpt_dir`` resolves to on ``data`` under the layout of the overrides."""
+    checkpoint = resolve_checkpoint(ckpt_dir)
+    cfg = load_config(eval_overrides(checkpoint, overrides), config_name=config_name)
+    cfg.model = checkpoint_model(checkpoint)
+    cfg.precision.dtype = checkpoint_precision(checkpoint)
+    runtime = initialize(
+        cfg.parallel,
+        cfg.model,
+        seed=cfg.run.seed,
+        global_batch_size=cfg.train.global_batch_size,
+        micro_batch_size=cfg.train.micro_batch_size,
+        seq_length=cfg.train.seq_length,
+    )
+    try:
+        setup_logging(runtime.is_main)
+        tokenizer = build_tokenizer(cfg.data)
+        check_vocab(tokenizer, cfg.model.vocab_size)
+        stream = read_token_stream(data, tokenizer)
+        if len(stream) and (stream.min() < 0 or stream.max() >= cfg.model.vocab_size):
+            raise EvalError(f"{data}: token ids must lie in 0..{cfg.model.vocab_size - 1} (model.vocab_size)")
+        sequences = to_sequences(stream, cfg.train.seq_length)
+        chunks = build_model(cfg.model, cfg.parallel, cfg.precision, seq_length=cfg.train.seq_length, seed=cfg.run.seed)
+        load_checkpoint(checkpoint, chunks, None, cfg.model, layout_record(cfg, runtime))
+        sums = _sums(chunks, _pad_to(sequences, cfg.train.global_batch_size), cfg, runtime)
+        return _result(sums, cfg.model.mtp_num_layers, len(sequences.tokens), checkpoint, read_meta(checkpoint)["step"])
+    finally:
+        shutdown()
+
+
+def _sums(chunks, sequences: Sequences, cfg: MimoConfig, runtime: Runtime) -> torch.Tensor:
+    """``statistics`` summed over all sequences and ranks. Each call of megatron's schedule runs one global batch;
+    data-parallel rank r takes the r-th slice of it, every pipeline stage of that rank the same slice."""
+    for chunk in chunks:
+        chunk.eval()
+    depths = cfg.model.mtp_num_layers
+    per_call, micro = cfg.train.global_batch_size, cfg.train.micro_batch_size
+    per_rank = per_call // runtime.layout.dp
+    dp_rank = parallel_state.get_data_parallel_rank()
+    totals = torch.zeros(2 + 3 * depths, dtype=torch.float64)
+    schedule = get_forward_backward_func()
+    calls = range(0, len(sequences.tokens), per_call)
+    for start in tqdm(calls, desc="evaluating", unit="batch", disable=not runtime.is_main):
+        rows = range(start + dp_rank * per_rank, start + (dp_rank + 1) * per_rank)
+        iterators = chunk_iterators(_micro_batches(sequences, rows, micro, runtime.device), len(chunks))
+        with torch.no_grad():
+            outputs = schedule(
+                forward_step_func=partial(_forward_step, depths > 0),
+                data_iterator=iterators if len(chunks) > 1 else iterators[0],
+                model=chunks,
+                num_microbatches=per_rank // micro,
+                seq_length=cfg.train.seq_length,
+                micro_batch_size=micro,
+                forward_only=True,
+            )
+        for output in outputs:  # only the last pipeline stage has any
+            totals += output["sums"].cpu()
+    if parallel_state.get_tensor_model_parallel_rank() != 0:
+        totals.zero_()  # the tensor-parallel ranks of the last stage all hold the same gathered logits
+    totals = totals.to(runtime.device)
+    dist.all_reduce(totals)
+    return totals.cpu()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mimo-eval",
+        description="Loss, perplexity, MTP loss and MTP draft acceptance of a mimo checkpoint on a dataset, printed"
+        " as one JSON line. DATA: a text file (one document), or JSONL with a 'text' (tokenized with data.tokenizer,"
+        " by default the run's) or an 'input_ids' field per line. Sequences of train.seq_length (by default the"
+        " run's), batches of train.global_batch_size, micro-batches of train.micro_batch_size; parallel.* sets the"
+        " layout (launch with torchrun for more than one rank).",
+        epilog="example: mimo-eval runs/tiny held_out.jsonl train.seq_length=256",
+    )
+    parser.add_argument(
+        "ckpt_dir", type=Path, help="run directory, its checkpoints/ directory, or one step_N directory"
+    )
+    parser.add_argument("data", type=Path)
+    parser.add_argument("--config-name", "-c", default="config", help="recipe the settings not in the run come from")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    for pattern in EXPECTED_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+    stdout = sys.stdout
+    try:
+        # Only the result goes to stdout: anything the libraries print goes to stderr with the logs.
+        with contextlib.redirect_stdout(sys.stderr):
+            result = evaluate(args.ckpt_dir, args.data, args.overrides, args.config_name)
+    except (ConfigError, EvalError, DataError, LayoutError, CheckpointError, ModelConfigError) as err:
+        print(f"mimo-eval: error: {err}", file=sys.stderr)
+        return 2
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(asdict(result)), file=stdout, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
