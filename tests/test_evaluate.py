@@ -1,0 +1,164 @@
+"""mimo-eval measures what transformers computes on the same tokens, for the main model and the MTP block.
+
+The reference runs transformers' model (and an MTP block built from transformers' modules, tests/tiny_hub.py) on
+each sequence of the token stream separately; mimo-eval batches, pads and masks. FP32 on both sides: the per-token
+logits agree to ~1e-6, so the token-averaged losses agree to 1e-5 relative, and top-1 choices (the acceptance
+rate) agree exactly.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mimo.data import build_tokenizer
+from mimo.data.config import DataConfig
+from mimo.train.convert import import_hf
+from mimo.train.evaluate import evaluate, main
+from tiny_hub import make_tiny_hub
+
+SEQ = 32
+EVAL = (f"train.seq_length={SEQ}", "train.global_batch_size=4", "train.micro_batch_size=2")
+RELATIVE = 1e-5
+TEXT = (
+    "The Jargon File is a comprehensive compendium of hacker slang illuminating many aspects of hackish tradition,"
+    " folklore, and humor. A hacker is a person who enjoys exploring the details of programmable systems and how"
+    " to stretch their capabilities, as opposed to most users, who prefer to learn only the minimum necessary."
+    " Kludge: a clever programming trick intended to solve a particular nasty case in an expedient way."
+)
+
+
+@dataclass
+class Reference:
+    loss: float
+    tokens: int
+    mtp_loss: float
+    mtp_tokens: int
+    acceptance: float
+
+
+def reference(hub, stream, seq_length: int) -> Reference:
+    """Per-sequence transformers forward passes over the same cut: sequence i is stream[i*S : i*S + S + 1]."""
+    sums = torch.zeros(5, dtype=torch.float64)
+    for start in range(0, len(stream) - 1, seq_length):
+        window = torch.tensor(stream[start : start + seq_length + 1])
+        ids, labels = window[:-1].unsqueeze(0), window[1:]
+        logits = hub.logits(ids)[0]
+        sums[0] += F.cross_entropy(logits, labels, reduction="sum").double()
+        sums[1] += len(labels)
+        if len(labels) > 1:
+            mtp = hub.mtp_logits(ids)[0]
+            sums[2] += F.cross_entropy(mtp, labels[1:], reduction="sum").double()
+            sums[3] += len(labels) - 1
+            sums[4] += (mtp.argmax(-1) == logits[1:].argmax(-1)).sum()
+    return Reference(
+        loss=(sums[0] / sums[1]).item(),
+        tokens=int(sums[1]),
+        mtp_loss=(sums[2] / sums[3]).item(),
+        mtp_tokens=int(sums[3]),
+        acceptance=(sums[4] / sums[3]).item(),
+    )
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory):
+    return make_tiny_hub(tmp_path_factory.mktemp("hub"))
+
+
+@pytest.fixture(scope="module")
+def run_dir(hub, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "imported"
+    import_hf(hub.directory, out, EVAL)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer(DataConfig())
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "eval.txt"
+    path.write_text(TEXT)
+    return path
+
+
+@pytest.fixture(scope="module")
+def single_rank(run_dir, text_file):
+    return evaluate(run_dir, text_file, EVAL)
+
+
+def test_loss_mtp_loss_and_acceptance_match_transformers(hub, tokenizer, single_rank):
+    stream = tokenizer.encode(TEXT) + [tokenizer.eod]
+    expected = reference(hub, stream, SEQ)
+    result = single_rank
+    assert len(stream) - 1 > 3 * SEQ and (len(stream) - 1) % SEQ, (
+        "the text should fill several sequences, the last partly"
+    )
+    assert result.tokens == expected.tokens == len(stream) - 1
+    assert result.sequences == math.ceil((len(stream) - 1) / SEQ)
+    assert result.loss == pytest.approx(expected.loss, rel=RELATIVE)
+    assert result.perplexity == pytest.approx(math.exp(expected.loss), rel=RELATIVE)
+    assert result.mtp_tokens == expected.mtp_tokens
+    assert result.mtp_loss == pytest.approx(expected.mtp_loss, rel=RELATIVE)
+    assert result.mtp_loss_per_depth == [result.mtp_loss]
+    assert 0 < expected.acceptance < 1, "the reference model should accept some drafts and reject others"
+    assert result.mtp_acceptance == pytest.approx(expected.acceptance, abs=0.5 / expected.mtp_tokens)
+
+
+def test_jsonl_text_and_input_ids_give_the_same_result_as_one_json_line(run_dir, tokenizer, tmp_path, capsys):
+    documents = [TEXT[:200], TEXT[200:]]
+    (tmp_path / "text.jsonl").write_text("\n".join(json.dumps({"text": doc}) for doc in documents) + "\n\n")
+    ids = [token for doc in documents for token in tokenizer.encode(doc) + [tokenizer.eod]]
+    (tmp_path / "ids.jsonl").write_text(
+        json.dumps({"input_ids": ids[:45]}) + "\n" + json.dumps({"input_ids": ids[45:]}) + "\n"
+    )
+    from_text = evaluate(run_dir, tmp_path / "text.jsonl", EVAL)
+    capsys.readouterr()
+    assert main([str(run_dir), str(tmp_path / "ids.jsonl"), *EVAL]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1
+    assert json.loads(lines[0]) == json.loads(json.dumps(asdict(from_text)))
+    assert from_text.tokens == len(ids) - 1
+
+
+def test_out_of_vocabulary_ids_are_refused(run_dir, tmp_path, capsys):
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"input_ids": [1, 2, 4096]}) + "\n")
+    assert main([str(run_dir), str(tmp_path / "bad.jsonl"), *EVAL]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "0..4095" in captured.err
+
+
+def test_two_data_parallel_expert_parallel_ranks_give_the_same_result(run_dir, text_file, single_rank):
+    """dp=2 (each rank evaluates half the sequences) with ep=2 (experts split, tokens exchanged)."""
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "mimo.train.evaluate",
+        str(run_dir),
+        str(text_file),
+        *EVAL,
+        "parallel.ep=2",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    job = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert job.returncode == 0, job.stderr[-5000:]
+    lines = [line for line in job.stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == 1, job.stdout
+    result = json.loads(lines[0])
+    assert result["tokens"] == single_rank.tokens and result["mtp_tokens"] == single_rank.mtp_tokens
+    assert result["loss"] == pytest.approx(single_rank.loss, rel=RELATIVE)
+    assert result["mtp_loss"] == pytest.approx(single_rank.mtp_loss, rel=RELATIVE)
+    assert result["mtp_acceptance"] == pytest.approx(single_rank.mtp_acceptance, abs=0.5 / single_rank.mtp_tokens)
