@@ -13,12 +13,16 @@ Memory model (bytes per GPU on pipeline stage r, the largest stage decides):
 * gradients: one fp32 buffer per parameter (the trainer reduces gradients in fp32).
 * optimizer: Adam moments (and an fp32 master copy when parameters are bf16), sharded over the data-parallel
   ranks of each parameter (dp * cp for dense parameters, expert_dp for experts) under the distributed optimizer.
-* activations: what the backward pass keeps per layer and micro-batch with TE flash attention (no score
-  matrix), times the layer-micro-batches in flight under 1F1B (pp - r micro-batches, or the interleaved
-  schedule's warm-up depth with vpp), reduced by the configured recomputation.
+* activations: what the backward pass keeps per layer and micro-batch, times the layer-micro-batches in flight
+  under 1F1B (pp - r micro-batches, or the interleaved schedule's warm-up depth with vpp), reduced by the
+  configured recomputation. Counted tensor by tensor for the modules mimo builds: megatron's unfused SwiGLU and
+  RoPE, its router and token permutation, and the attention backend (``--backend``): Transformer Engine's flash
+  attention keeps no score matrix; mimo's local attention (CPU) keeps sliding-window scores, O(seq x window),
+  and torch SDPA's math path keeps the seq x seq softmax of global layers. On CPU the estimate matches the bytes
+  the autograd graph saves (tests/test_planner_measured.py).
 * MoE dispatch: the token buffers of one layer's all-to-all (dispatch and combine), alive while it runs.
 * logits: the fp32 softmax kept by the vocab-parallel cross entropy for the LM head and each MTP head, plus the
-  bf16 logits and their transposed copy while the last loss is computed (last stage only).
+  bf16 logits alive next to their fp32 copy while the last loss is computed (last stage only).
 * a fixed reserve for the CUDA context, NCCL buffers and allocator fragmentation.
 """
 
@@ -36,10 +40,19 @@ from mimo.train.schedule import Schedule, ScheduleError
 
 GIB = 2**30
 SECONDS_PER_DAY = 86_400
-BYTES = {"fp32": 4, "bf16": 2, "fp8": 1}
+BYTES = {"fp32": 4, "bf16": 2, "fp8": 1, "bool": 1, "int64": 8}
 FP32 = BYTES["fp32"]
+INT64 = BYTES["int64"]
 ADAM_MOMENTS = 2
 NORMS_PER_LAYER = 2
+ROPE_SAVED_TENSORS = 4
+"""cos and sin, for the queries and for the keys."""
+GLU_SAVED_WIDTHS = 5
+"""megatron's unfused SwiGLU (bias_activation_fusion is off) keeps fc1's output (2 widths), the SiLU output, the
+linear half plus glu_linear_offset (a copy) and their product (fc2's input)."""
+EXPERT_GLU_SAVED_WIDTHS = 4
+"""Experts: the SwiGLU's SiLU output, linear-half copy and product, and the product scaled by the routing
+probability (fc2's input); fc1's output (2 widths) is counted separately, as selective moe_act keeps it."""
 
 
 @dataclass(frozen=True)
@@ -69,6 +82,12 @@ class PlannerSettings:
     """Kept free for the CUDA context, NCCL's buffers and the caching allocator's fragmentation."""
     mfu: float = 0.4
     """Model-FLOPs utilisation the time estimates assume."""
+    backend: str = "te"
+    """The modules whose saved activations are estimated: "te" (Transformer Engine, what mimo builds on a GPU
+    with TE installed: flash attention, TE's norms) or "local" (mimo's local modules, what runs on CPU)."""
+
+
+BACKENDS = ("te", "local")
 
 
 class PlanError(ValueError):
@@ -219,55 +238,130 @@ class MemoryEstimate:
 class _Shape:
     """One micro-batch as a rank of the layout sees it."""
 
-    tokens: int
-    """Tokens of the micro-batch on this rank: micro_batch_size * seq_length / cp."""
+    batch: int
+    """Sequences in the micro-batch."""
+    seq: int
+    """Tokens of each sequence on this rank: seq_length / cp."""
     tp: int
     sp: bool
     etp: int
     act_bytes: int
+    backend: str
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.seq
 
     @property
     def local_tokens(self) -> float:
         """Tokens in the sequence-parallel regions (norms, residual, MoE input) of this rank."""
         return self.tokens / self.tp if self.sp else self.tokens
 
+    @property
+    def math_bytes(self) -> int:
+        """Element size of the tensors the local backend computes in at least fp32 (softmax, SDPA's math path)."""
+        return max(self.act_bytes, FP32)
+
+
+def _selective(recompute: Recompute, module: str) -> bool:
+    return recompute.granularity == "selective" and module in recompute.modules
+
+
+def _norm_saved(model: ModelConfig, shape: _Shape, recompute: Recompute) -> float:
+    """One RMSNorm with its output, which the linear layer reading it keeps. TE's norm keeps its input and the
+    fp32 reciprocal RMS; mimo's local norm computes in fp32 and keeps the fp32 input, the normalised tensor
+    before the weight and the reciprocal RMS. Selective "layernorm" recomputation keeps only the input."""
+    h, b, tokens = model.hidden_size, shape.act_bytes, shape.local_tokens
+    if _selective(recompute, "layernorm"):
+        return tokens * h * b
+    own = tokens * (h * b + FP32) if shape.backend == "te" else tokens * (h * FP32 + h * b + FP32)
+    return own + tokens * h * b
+
+
+def _rope_saved(model: ModelConfig, shape: _Shape) -> float:
+    """megatron's unfused RoPE (apply_rope_fusion is off) keeps cos and sin for the queries and for the keys."""
+    return ROPE_SAVED_TENSORS * shape.tokens * model.rotary_dim * shape.act_bytes
+
+
+def _core_attention_saved(model: ModelConfig, kind: AttentionType, shape: _Shape, recompute: Recompute) -> float:
+    """What the core attention keeps besides its output (which the output projection keeps)."""
+    heads, kv = model.num_attention_heads / shape.tp, model.num_kv_heads(kind) / shape.tp
+    dk, dv, b = model.head_dim, model.v_head_dim, shape.act_bytes
+    qkv = shape.tokens * (heads * dk + kv * dk + kv * dv) * b
+    if _selective(recompute, "core_attn"):
+        return qkv  # the checkpoint's inputs; scores and softmax statistics are recomputed
+    if shape.backend == "te":
+        return qkv + shape.tokens * heads * FP32  # flash attention: q, k, v and the fp32 log-sum-exp
+    if model.window(kind) is None and not model.has_sink(kind):
+        return _sdpa_math_saved(model, shape, heads)
+    return _local_window_saved(model, kind, shape, heads)
+
+
+def _sdpa_math_saved(model: ModelConfig, shape: _Shape, heads: float) -> float:
+    """torch SDPA on CPU with grouped KV heads runs its math path in fp32: it keeps the scaled queries, the keys
+    and values expanded to every query head, and the seq x seq softmax."""
+    positions = shape.batch * heads * shape.seq
+    return positions * (2 * model.head_dim + model.v_head_dim + shape.seq) * shape.math_bytes
+
+
+def _local_window_saved(model: ModelConfig, kind: AttentionType, shape: _Shape, heads: float) -> float:
+    """mimo's ``sliding_window_attention`` (SWA layers, and global layers with a sink as a window spanning the
+    sequence): per query head the padded queries, the block + window keys and values each block of ``window``
+    queries meets (materialised per query head by the broadcast matmul), and the fp32 softmax over them with
+    the sink column, plus its copy in the activation dtype below fp32; one boolean visibility mask."""
+    seq, window = shape.seq, model.window(kind)
+    window = min(seq - 1 if window is None else window, seq - 1)
+    block = max(window, 1)
+    blocks = math.ceil(seq / block)
+    span = block + window
+    query_blocks = shape.batch * heads * blocks
+    inputs = query_blocks * (block * model.head_dim + span * (model.head_dim + model.v_head_dim)) * shape.act_bytes
+    probs = query_blocks * block * (span + (1 if model.has_sink(kind) else 0)) * FP32
+    if shape.act_bytes < FP32:
+        probs += query_blocks * block * span * shape.act_bytes
+    return inputs + probs + blocks * block * span * BYTES["bool"]
+
 
 def _attention_saved(model: ModelConfig, kind: AttentionType, shape: _Shape, recompute: Recompute) -> float:
-    h, b = model.hidden_size, shape.act_bytes
-    heads, kv = model.num_attention_heads / shape.tp, model.num_kv_heads(kind) / shape.tp
-    norms = shape.local_tokens * h * (1 if _selective(recompute, "layernorm") else 2)
-    qkv = shape.tokens * (heads * model.head_dim + kv * model.head_dim + kv * model.v_head_dim)
-    out = shape.tokens * heads * model.v_head_dim
-    logsumexp = shape.tokens * heads * FP32
-    return (norms + qkv + out) * b + logsumexp
+    """The input norm, RoPE, the core attention and its output (the output projection's input)."""
+    out = shape.tokens * model.num_attention_heads / shape.tp * model.v_head_dim * shape.act_bytes
+    return (
+        _norm_saved(model, shape, recompute)
+        + _rope_saved(model, shape)
+        + _core_attention_saved(model, kind, shape, recompute)
+        + out
+    )
+
+
+def _dense_ffn_saved(model: ModelConfig, shape: _Shape, recompute: Recompute) -> float:
+    norm = _norm_saved(model, shape, recompute)
+    if _selective(recompute, "mlp"):
+        return norm
+    return norm + shape.tokens * GLU_SAVED_WIDTHS * model.ffn_hidden_size / shape.tp * shape.act_bytes
 
 
 def _ffn_saved(model: ModelConfig, layer: int, shape: _Shape, recompute: Recompute) -> float:
-    h, b = model.hidden_size, shape.act_bytes
-    norm_in, norm_out = shape.local_tokens * h, shape.local_tokens * h
-    if _selective(recompute, "layernorm"):
-        norm_out = 0.0
     if not model.is_moe(layer):
-        if _selective(recompute, "mlp"):
-            return (norm_in + shape.local_tokens * h) * b
-        return (norm_in + norm_out + shape.tokens * 3 * model.ffn_hidden_size / shape.tp) * b
+        return _dense_ffn_saved(model, shape, recompute)
+    norm = _norm_saved(model, shape, recompute)
     if _selective(recompute, "moe"):
-        return (norm_in + shape.local_tokens * h) * b
-    router = shape.local_tokens * model.num_experts * 2 * FP32  # fp32 logits and sigmoid scores
+        return norm
+    tokens, experts, topk = shape.local_tokens, model.num_experts, model.moe_router_topk
+    # fp32 logits and sigmoid scores, top-k indices (twice), top-k probabilities and their normalising sums
+    router = tokens * (experts * 2 * FP32 + topk * 2 * INT64 + topk * FP32 + 2 * FP32)
+    # the routing map (bool) and the probabilities scattered over it (fp32), the permutation's indices
+    permutation = tokens * experts * (BYTES["bool"] + FP32) + tokens * topk * INT64
     rows = _dispatched_rows(model, shape)
     width = model.moe_ffn_hidden_size / shape.etp
-    expert = rows * (h + 2 * width + (0 if _selective(recompute, "moe_act") else 2 * width))
-    return (norm_in + norm_out + expert) * b + router + rows * FP32  # + the routing probabilities
+    glu = 0 if _selective(recompute, "moe_act") else EXPERT_GLU_SAVED_WIDTHS * width
+    experts_saved = rows * (model.hidden_size + 2 * width + glu) * shape.act_bytes + rows * FP32  # + each row's prob
+    return norm + router + permutation + experts_saved
 
 
 def _dispatched_rows(model: ModelConfig, shape: _Shape) -> float:
     """Token copies one rank's experts process per layer: its local tokens x top-k (balanced routing), gathered
     over the expert-tensor-parallel group."""
     return shape.local_tokens * model.moe_router_topk * shape.etp
-
-
-def _selective(recompute: Recompute, module: str) -> bool:
-    return recompute.granularity == "selective" and module in recompute.modules
 
 
 def _layer_saved(model: ModelConfig, layer: int, shape: _Shape, recompute: Recompute) -> float:
@@ -293,17 +387,24 @@ def _chunk_activations(
 
 def _last_stage_extras(model: ModelConfig, shape: _Shape, recompute: Recompute) -> Tuple[float, float]:
     """(activations, logits) of the final norm, the MTP blocks and the loss heads for one micro-batch."""
-    h, b = model.hidden_size, shape.act_bytes
-    final_norm = 2 * shape.local_tokens * h * b
-    mtp_layer = _attention_saved(model, AttentionType.SLIDING, shape, recompute) + (
-        2 * shape.local_tokens * h + shape.tokens * 3 * model.ffn_hidden_size / shape.tp
-    ) * b
-    # enorm and hnorm inputs, the concatenated eh_proj input (2h), its final norm's input and output
-    mtp_own = 6 * shape.local_tokens * h * b
-    activations = final_norm + model.mtp_num_layers * (mtp_layer + mtp_own)
+    h, b, tokens = model.hidden_size, shape.act_bytes, shape.local_tokens
+    final_norm = _norm_saved(model, shape, Recompute())  # its output is the LM head's input
+    # enorm and hnorm without their outputs (concatenated into eh_proj's 2h-wide input), the SWA layer with its
+    # dense FFN, the block's final norm and its output (the shared LM head's input)
+    norm_own = _norm_saved(model, shape, Recompute()) - tokens * h * b
+    mtp_block = (
+        2 * norm_own
+        + tokens * 2 * h * b
+        + _attention_saved(model, AttentionType.SLIDING, shape, recompute)
+        + _dense_ffn_saved(model, shape, recompute)
+        + _norm_saved(model, shape, Recompute())
+    )
+    activations = final_norm + model.mtp_num_layers * mtp_block
     vocab_slice = shape.tokens * model.vocab_size / shape.tp
     heads = 1 + model.mtp_num_layers
-    logits = heads * vocab_slice * FP32 + vocab_slice * 2 * BYTES["bf16"]  # + logits and transposed copy
+    # The cross entropy of each head keeps its fp32 softmax; below fp32 the logits live next to their fp32 copy
+    # while a loss is computed (in fp32 the softmax is computed in place of the logits).
+    logits = heads * vocab_slice * FP32 + (vocab_slice * b if b < FP32 else 0)
     return activations, logits
 
 
@@ -360,12 +461,16 @@ def estimate_memory(
     master_copy = FP32 if param_bytes < FP32 else 0
     dense_shards = layout.dp * layout.cp if cfg.parallel.distributed_optimizer else 1
     expert_shards = layout.expert_dp if cfg.parallel.distributed_optimizer else 1
+    if settings.backend not in BACKENDS:
+        raise PlanError(f"backend {settings.backend!r} is not one of {', '.join(BACKENDS)}")
     shape = _Shape(
-        tokens=cfg.train.micro_batch_size * cfg.train.seq_length // layout.cp,
+        batch=cfg.train.micro_batch_size,
+        seq=cfg.train.seq_length // layout.cp,
         tp=layout.tp,
         sp=layout.sequence_parallel,
         etp=layout.etp,
         act_bytes=param_bytes,
+        backend=settings.backend,
     )
     chunks = _chunks(layout)
     stages = []
@@ -894,6 +999,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--gpu", choices=sorted(GPUS), default="h100")
     parser.add_argument("--mfu", type=float, default=PlannerSettings.mfu,
                         help=f"model-FLOPs utilisation for the time estimates (default {PlannerSettings.mfu})")
+    parser.add_argument("--backend", choices=BACKENDS, default=PlannerSettings.backend,
+                        help="modules the activation estimate assumes: te (GPU with Transformer Engine) or local"
+                        " (mimo's CPU modules)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     args = parser.parse_intermixed_args(argv)
     if not 0 < args.mfu <= 1:
@@ -908,7 +1016,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             cfg,
             world_size=world_size,
             gpu=GPUS[args.gpu],
-            settings=PlannerSettings(mfu=args.mfu),
+            settings=PlannerSettings(mfu=args.mfu, backend=args.backend),
             recipe=args.config_name,
             overrides=args.overrides,
         )
