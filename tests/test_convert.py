@@ -27,9 +27,9 @@ from mimo.parallel.runtime import initialize, shutdown
 from mimo.recipes import load_config
 from mimo.train import cli
 from mimo.train.checkpoint import latest_checkpoint, load_checkpoint, read_meta
-from mimo.train.convert import export_hf, import_hf, main
+from mimo.train.convert import check_tensors, export_hf, import_hf, imported_model_config, main
 from mimo.train.evaluate import evaluate
-from mimo.train.hf_checkpoint import ConvertError, hub_tensor_shapes
+from mimo.train.hf_checkpoint import ConvertError, HFCheckpoint, hub_tensor_shapes
 from tiny_hub import FULL, HF_TINY, SLIDING, make_tiny_hub
 
 SEQ = 32
@@ -304,3 +304,17 @@ def test_mismatched_tensors_are_refused_with_their_names_before_anything_is_writ
 def test_import_into_a_run_with_checkpoints_is_refused(hub, imported):
     with pytest.raises(ConvertError, match="already holds a checkpoint"):
         import_hf(hub.directory, imported, SMALL)
+
+
+def test_mtp_blocks_follow_the_checkpoint_unless_model_mtp_num_layers_is_given(hub):
+    def model(*overrides):
+        base = load_config([*SMALL, *overrides]).model
+        return imported_model_config(hub.model.config, base, hf.weights(), overrides, "hub")
+
+    with HFCheckpoint(hub.directory) as hf:
+        assert model().mtp_num_layers == 1
+        fewer = model("model.mtp_num_layers=0")
+        assert fewer.mtp_num_layers == 0
+        assert check_tensors(hf, fewer) == sorted(n for n in hf.weights() if n.startswith("model.mtp.layers.0."))
+        with pytest.raises(ConvertError, match=r"missing from the checkpoint \(14\):\n    model\.mtp\.layers\.1\."):
+            check_tensors(hf, model("model.mtp_num_layers=2"))
