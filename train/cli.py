@@ -2,7 +2,6 @@
 
 import os
 import sys
-import warnings
 from typing import Optional, Sequence
 
 from mimo.model.config import ModelConfigError
@@ -10,8 +9,6 @@ from mimo.parallel.layout import LayoutError, validate_layout
 from mimo.parallel.runtime import LaunchError, launch_env
 from mimo.recipes import ConfigError, MimoConfig, load_config, recipe_argument_parser
 
-# Expected on machines without Transformer Engine/Apex (every CPU run): megatron-core says so at import time.
-EXPECTED_WARNINGS = (r".*(Transformer Engine|Apex).* not installed", r".*torch\.distributed\.\w+` is deprecated")
 USAGE_ERROR = 2
 
 
@@ -37,8 +34,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ModelConfigError, LayoutError, LaunchError) as err:
         print(f"mimo-train: error: {err}", file=sys.stderr)
         return USAGE_ERROR
-    for pattern in EXPECTED_WARNINGS:
-        warnings.filterwarnings("ignore", message=pattern)
     # megatron-core is imported only once the config and layout are known to be valid.
     from mimo.data.errors import DataError
     from mimo.parallel.cpu_compat import UnsupportedMegatronVersion

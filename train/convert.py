@@ -13,7 +13,6 @@ import logging
 import os
 import re
 import sys
-import warnings
 from pathlib import Path
 from typing import Iterable, List, Optional, Sequence
 
@@ -38,7 +37,6 @@ from mimo.parallel.runtime import initialize, shutdown
 from mimo.recipes import ConfigError, MimoConfig, load_config, to_yaml
 from mimo.train.checkpoint import CheckpointError, TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
 from mimo.train.checkpoint_lookup import checkpoint_model, checkpoint_precision, resolve_checkpoint
-from mimo.train.cli import EXPECTED_WARNINGS
 from mimo.train.hf_checkpoint import (
     ConvertError,
     HFCheckpoint,
@@ -47,7 +45,7 @@ from mimo.train.hf_checkpoint import (
     read_hf_config,
     save_sharded,
 )
-from mimo.train.loop import layout_record, run_record, setup_logging
+from mimo.train.loop import layout_record, run_record, setup_logging, start_runtime
 
 logger = logging.getLogger("mimo")
 
@@ -161,14 +159,7 @@ def import_hf(hf_dir: Path, out_dir: Path, overrides: Sequence[str] = (), config
     with HFCheckpoint(hf_dir, fp8_block(hf_config)) as hf:
         cfg.model = imported_model_config(hf_config, cfg.model, hf.weights(), overrides, hf_dir.name)
         dropped = check_tensors(hf, cfg.model)
-        runtime = initialize(
-            cfg.parallel,
-            cfg.model,
-            seed=cfg.run.seed,
-            global_batch_size=cfg.train.global_batch_size,
-            micro_batch_size=cfg.train.micro_batch_size,
-            seq_length=cfg.train.seq_length,
-        )
+        runtime = start_runtime(cfg)
         try:
             setup_logging(runtime.is_main)
             if dropped:
@@ -288,8 +279,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    for pattern in EXPECTED_WARNINGS:
-        warnings.filterwarnings("ignore", message=pattern)
     try:
         if args.command == "import-hf":
             import_hf(args.hf_dir, args.out_dir, args.overrides, args.config_name)

@@ -29,7 +29,6 @@ import json
 import math
 import os
 import sys
-import warnings
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -49,12 +48,11 @@ from mimo.data.tokenizer import encode_documents
 from mimo.model.builder import build_model
 from mimo.model.config import ModelConfigError
 from mimo.parallel.layout import LayoutError
-from mimo.parallel.runtime import Runtime, initialize, shutdown
+from mimo.parallel.runtime import Runtime, shutdown
 from mimo.recipes import ConfigError, MimoConfig, load_config
 from mimo.train.checkpoint import CheckpointError, load_checkpoint, read_meta
 from mimo.train.checkpoint_lookup import checkpoint_model, checkpoint_precision, resolve_checkpoint, run_config_file
-from mimo.train.cli import EXPECTED_WARNINGS
-from mimo.train.loop import chunk_iterators, layout_record, setup_logging
+from mimo.train.loop import chunk_iterators, layout_record, setup_logging, start_runtime
 
 JSONL_SUFFIXES = (".jsonl", ".json")
 TEXT_FIELD, IDS_FIELD = "text", "input_ids"
@@ -233,14 +231,7 @@ def evaluate(ckpt_dir: Path, data: Path, overrides: Sequence[str] = (), config_n
     cfg = load_config(eval_overrides(checkpoint, overrides), config_name=config_name)
     cfg.model = checkpoint_model(checkpoint)
     cfg.precision.dtype = checkpoint_precision(checkpoint)
-    runtime = initialize(
-        cfg.parallel,
-        cfg.model,
-        seed=cfg.run.seed,
-        global_batch_size=cfg.train.global_batch_size,
-        micro_batch_size=cfg.train.micro_batch_size,
-        seq_length=cfg.train.seq_length,
-    )
+    runtime = start_runtime(cfg)
     try:
         setup_logging(runtime.is_main)
         tokenizer = build_tokenizer(cfg.data)
@@ -312,8 +303,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    for pattern in EXPECTED_WARNINGS:
-        warnings.filterwarnings("ignore", message=pattern)
     stdout = sys.stdout
     try:
         # Only the result goes to stdout: anything the libraries print goes to stderr with the logs.

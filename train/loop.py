@@ -197,6 +197,18 @@ def run_record(cfg: MimoConfig, data: DataConfig, layout: dict) -> dict:
     }
 
 
+def start_runtime(cfg: MimoConfig) -> Runtime:
+    """Process groups, seeds and (without CUDA) the CPU layer for the layout a recipe asks for."""
+    return initialize(
+        cfg.parallel,
+        cfg.model,
+        seed=cfg.run.seed,
+        global_batch_size=cfg.train.global_batch_size,
+        micro_batch_size=cfg.train.micro_batch_size,
+        seq_length=cfg.train.seq_length,
+    )
+
+
 def check_supported(cfg: MimoConfig) -> None:
     """Settings that are valid data-side but that the model cannot honour yet: refused, never silently ignored."""
     if cfg.data.reset_attention_mask:
@@ -208,14 +220,7 @@ def check_supported(cfg: MimoConfig) -> None:
 
 def run_training(cfg: MimoConfig) -> RunSummary:
     check_supported(cfg)
-    runtime = initialize(
-        cfg.parallel,
-        cfg.model,
-        seed=cfg.run.seed,
-        global_batch_size=cfg.train.global_batch_size,
-        micro_batch_size=cfg.train.micro_batch_size,
-        seq_length=cfg.train.seq_length,
-    )
+    runtime = start_runtime(cfg)
     writer = None
     stop = StopRequest().install()
     try:
