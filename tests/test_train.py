@@ -45,7 +45,10 @@ def uninterrupted(tmp_path_factory, data_cache):
 
 def test_main_job_learns_and_writes_its_outputs(tmp_path, data_cache):
     steps = 40
-    job = launch(tmp_path, data_cache, f"train.steps={steps}", "logging.interval=5", "checkpoint.interval=20")
+    job = launch(
+        tmp_path, data_cache, f"train.steps={steps}", "logging.interval=5", "checkpoint.interval=20",
+        "logging.wandb=offline",
+    )
     output, _ = job.communicate(timeout=600)
     assert job.returncode == 0, output
     records = read_metrics(tmp_path)
@@ -60,6 +63,7 @@ def test_main_job_learns_and_writes_its_outputs(tmp_path, data_cache):
     assert set(saved) >= {"run", "train", "parallel", "model", "optim", "checkpoint", "logging", "data", "schedule"}
     assert (tmp_path / "checkpoints" / "latest").read_text() == "step_0000040"
     assert "step 40 |" in output and "saved checkpoint at step 40" in output
+    assert list((tmp_path / "wandb").glob("offline-run-*")), "no offline wandb run was written"
 
 
 def test_resume_reproduces_the_uninterrupted_run(tmp_path, data_cache, uninterrupted):
