@@ -27,8 +27,9 @@ export NCCL_DEBUG="${NCCL_DEBUG:-WARN}"
 MIMO_GPU="${MIMO_GPU:-h100}"     # h100 | h200 | b200: the planner's memory and peak-FLOPs figures
 MIMO_MFU="${MIMO_MFU:-0.4}"      # the model-FLOPs utilisation the planner's time estimates assume
 
-# Variables a launcher that starts remote processes itself (DeepSpeed's pdsh runner) must pass on.
+# Variables a launcher that starts remote processes itself (DeepSpeed's pdsh runner) must pass on. MIMO_DATA is
+# among them because the full-scale recipes read it while composing the config: every rank must see the same.
 # shellcheck disable=SC2034  # read by launch/deepspeed.sh
 MIMO_EXPORTED_VARS="CUDA_DEVICE_MAX_CONNECTIONS PYTORCH_CUDA_ALLOC_CONF TORCH_NCCL_ASYNC_ERROR_HANDLING
 TORCH_ELASTIC_SHUTDOWN_TIMEOUT OMP_NUM_THREADS NCCL_IB_TIMEOUT NCCL_IB_RETRY_CNT NCCL_DEBUG NCCL_SOCKET_IFNAME
-NCCL_IB_HCA HF_HOME WANDB_API_KEY WANDB_MODE"
+NCCL_IB_HCA HF_HOME WANDB_API_KEY WANDB_MODE MIMO_DATA"
