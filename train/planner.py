@@ -298,8 +298,9 @@ def _core_attention_saved(model: ModelConfig, kind: AttentionType, shape: _Shape
 
 
 def _sdpa_math_saved(model: ModelConfig, shape: _Shape, heads: float) -> float:
-    """torch SDPA on CPU with grouped KV heads runs its math path in fp32: it keeps the scaled queries, the keys
-    and values expanded to every query head, and the seq x seq softmax."""
+    """torch SDPA on CPU, called with enable_gqa as mimo's causal attention does, runs its math path in at least
+    fp32: it keeps the scaled queries, the keys and values expanded to every query head, and the seq x seq
+    softmax."""
     positions = shape.batch * heads * shape.seq
     return positions * (2 * model.head_dim + model.v_head_dim + shape.seq) * shape.math_bytes
 
