@@ -16,11 +16,13 @@ import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.extensions.transformer_engine import HAVE_TE
 from megatron.core.models.gpt.gpt_model import GPTModel
+from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import init_method_normal
 
 from mimo.model.config import ModelConfig, ModelConfigError, PrecisionConfig
 from mimo.model.gpt import MimoGPTModel
+from mimo.model.init import initialize_weights
 from mimo.model.specs import decoder_block_spec, mtp_block_spec
 from mimo.parallel.config import ParallelConfig
 
@@ -97,6 +99,12 @@ def transformer_config(
         sequence_parallel=tp > 1 if parallel_cfg.sequence_parallel is None else parallel_cfg.sequence_parallel,
         num_layers_in_first_pipeline_stage=parallel_cfg.pipeline_first_stage_layers,
         num_layers_in_last_pipeline_stage=parallel_cfg.pipeline_last_stage_layers,
+        # Separate isend/irecv calls, never one batch_isend_irecv: with two pipeline stages and interleaving, a
+        # rank's previous and next stage are the same rank, and a batch then posts an activation and a gradient
+        # of the same shape to that rank on one communicator, where sends and receives pair up in posting order
+        # and the two tensors get swapped. The unbatched path sends the two directions on two communicators.
+        batch_p2p_comm=False,
+        overlap_p2p_comm=parallel_cfg.vpp is not None,
         use_cpu_initialization=not torch.cuda.is_available(),
         mtp_num_layers=model_cfg.mtp_num_layers or None,
         mtp_loss_scaling_factor=model_cfg.mtp_loss_weight,
@@ -123,11 +131,14 @@ def build_model(
     *,
     seq_length: int,
     use_te: Optional[bool] = None,
+    seed: Optional[int] = None,
 ) -> List[GPTModel]:
     """This rank's model chunks, one per virtual pipeline stage (a list of one without interleaving).
 
     megatron's parallel state must already be initialised with the layout of ``parallel_cfg``
     (``mimo.parallel.runtime.initialize``). All chunks share one TransformerConfig (``chunks[0].config``).
+    With a ``seed`` the initial weights are a function of it alone, the same under every parallel layout
+    (``mimo.model.init``); without one they are megatron's draw from this process's random state.
     """
     if seq_length > model_cfg.max_position_embeddings:
         raise ModelConfigError(
@@ -147,7 +158,7 @@ def build_model(
     _check_parallel_state(parallel_cfg)
     config = transformer_config(model_cfg, parallel_cfg, precision)
     stages = range(parallel_cfg.vpp) if parallel_cfg.vpp else [None]
-    return [
+    chunks = [
         MimoGPTModel(
             config=config,
             transformer_layer_spec=decoder_block_spec(model_cfg, config, use_te, vp_stage),
@@ -162,6 +173,27 @@ def build_model(
         )
         for vp_stage in stages
     ]
+    _mark_expert_parameters(chunks)
+    if seed is not None:
+        initialize_weights(chunks, seed)
+    return chunks
+
+
+def _mark_expert_parameters(chunks: List[GPTModel]) -> None:
+    """Put every routed-expert weight in megatron's expert gradient buffers and expert optimizer, whatever ep.
+
+    megatron-core 0.16.1 marks expert weights (``allreduce=False``) only when ep > 1, and otherwise reduces their
+    gradients like dense weights, over the dense data-parallel group. That group is the experts' replica group
+    only when etp == tp. With etp < tp (mimo's default etp=1 under tensor parallelism) every tensor-parallel rank
+    also holds whole experts and, under sequence parallelism, routes its own tokens through them: their gradients
+    must be summed over the expert-data-parallel group (world / (etp * ep * pp) ranks), which the expert buffers
+    do. Marking them always also keeps the optimizer's structure the same on every layout.
+    """
+    for chunk in chunks:
+        for module in chunk.modules():
+            if isinstance(module, MoELayer):
+                for param in module.experts.parameters():
+                    param.allreduce = False
 
 
 def _check_parallel_state(parallel_cfg: ParallelConfig) -> None:
