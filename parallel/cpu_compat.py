@@ -10,7 +10,7 @@ because the patched internals may have moved, and a failure deep inside a traini
 import contextlib
 import logging
 import multiprocessing
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -65,6 +65,7 @@ def enable_cpu_compat() -> bool:
     _patch_megatron()
     _silence_shared_rng_warning()
     _patch_torch_adam_checkpoint_load()
+    _patch_grad_norm()
     # megatron wraps its small fused helpers (router scoring, activations) in torch.compile for GPU kernel
     # fusion, applied at import time. On CPU that only costs seconds of compilation per process (and a C++
     # toolchain) and makes results depend on inductor's CPU codegen, so run them eagerly.
@@ -255,3 +256,23 @@ def _patch_torch_adam_checkpoint_load() -> None:
 
     DistributedOptimizer._set_main_param_and_optimizer_states = set_states_except_step
     DistributedOptimizer.load_state_dict = load_with_own_steps
+
+
+def _accurate_l2_norm(chunk_size: int, noop_flag: Any, tensor_lists: List[List[torch.Tensor]], per_tensor: bool, *args):
+    """megatron's fallback ``local_multi_tensor_l2_norm`` (no TE/Apex), with per-tensor norms accumulated in FP64.
+
+    The fallback calls ``torch.norm``, whose CPU kernel accumulates a long FP32 vector with an error growing with
+    its length (about 4e-6 relative at 2**19 elements, 1e-4 at 2**22), and the distributed optimizer hands it
+    gradient shards whose lengths depend on the parallel layout: the reported gradient norm, and the clipping
+    factor derived from it, would then change with the layout by far more than rounding.
+    """
+    norms = [torch.linalg.vector_norm(tensor, dtype=torch.float64) for tensors in tensor_lists for tensor in tensors]
+    total = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros((), dtype=torch.float64)
+    return total.to(torch.float32).reshape(1), None
+
+
+def _patch_grad_norm() -> None:
+    """Route gradient-norm computation (clipping and logging) through ``_accurate_l2_norm``."""
+    from megatron.core.optimizer import clip_grads
+
+    clip_grads.l2_norm_impl = _accurate_l2_norm

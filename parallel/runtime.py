@@ -16,6 +16,7 @@ import torch.distributed as dist
 from mimo.model.config import ModelConfig
 from mimo.parallel.config import ParallelConfig
 from mimo.parallel.cpu_compat import enable_cpu_compat
+from mimo.parallel.megatron_fixes import apply_megatron_fixes
 from mimo.parallel.layout import ResolvedLayout, validate_layout
 
 LOOPBACK = "127.0.0.1"
@@ -89,6 +90,7 @@ def initialize(
     else:
         enable_cpu_compat()
         device = torch.device("cpu")
+    apply_megatron_fixes()
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
