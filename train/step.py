@@ -93,8 +93,10 @@ def _reduce_step_metrics(
     vector = vector.cpu()
     lm_loss = (vector[0] / vector[1].clamp(min=1)).item()
     mtp_loss = (vector[2] / vector[3].clamp(min=1) / num_microbatches).item()
-    # Each layer's aux loss is computed on every rank outside pipeline parallelism: average over those replicas.
-    replicas = dist.get_world_size() // parallel_state.get_pipeline_model_parallel_world_size()
+    # Each data-parallel replica computes every layer's aux loss on its own batch: average over the replicas.
+    # Tensor-parallel ranks are not replicas here: under sequence parallelism each holds the part of the loss
+    # of its own tokens, and those parts add up.
+    replicas = parallel_state.get_data_parallel_world_size()
     aux_loss = (vector[4] / replicas / num_microbatches).item()
     # Tensor-parallel ranks of the last stage all count the same tokens.
     tokens = int(round(vector[1].item() / parallel_state.get_tensor_model_parallel_world_size()))
@@ -128,7 +130,8 @@ def train_step(
     update_successful, grad_norm, _ = optimizer.step()
     lm_loss, mtp_loss, aux_loss, tokens = _reduce_step_metrics(losses, config, num_microbatches)
     clear_aux_losses_tracker()
-    MTPLossLoggingHelper.clean_loss_in_tracker()
+    if "values" in MTPLossLoggingHelper.tracker:  # only stages holding MTP blocks ever track a loss
+        MTPLossLoggingHelper.clean_loss_in_tracker()
     mtp_weight = config.mtp_loss_scaling_factor if config.mtp_num_layers else 0.0
     return StepResult(
         lm_loss=lm_loss,
