@@ -114,9 +114,7 @@ def _check_rng_streams(fork_name: str, stream_differs_across_ranks: bool) -> Non
 
 
 def _worker(rank: int, ports: tuple) -> None:
-    # Forked ranks stay single-threaded: an OpenMP pool inherited through fork is unusable, and these tensors
-    # are far too small to need one.
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # two ranks share two cores; these tensors are far too small to need threads
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD_SIZE), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1")
 
     os.environ["MASTER_PORT"] = str(ports[0])
@@ -149,9 +147,9 @@ def _worker(rank: int, ports: tuple) -> None:
 
 def test_two_rank_runtime_dispatchers_and_rng():
     assert not dist.is_initialized(), "a previous test left a process group behind; call runtime.shutdown()"
-    # fork, not spawn: the ranks start with megatron already imported (seconds per rank on a small machine).
-    # Safe here: the parent holds no process group and there is no CUDA context to inherit.
-    mp.start_processes(_worker, args=((free_port(), free_port()),), nprocs=WORLD_SIZE, join=True, start_method="fork")
+    # spawn, not fork: earlier tests in this process may have run gloo, whose threads a forked child inherits
+    # half-alive (the child's process-group set-up then deadlocks).
+    mp.start_processes(_worker, args=((free_port(), free_port()),), nprocs=WORLD_SIZE, join=True, start_method="spawn")
 
 
 def test_version_guard_refuses_unverified_megatron(monkeypatch):

@@ -224,9 +224,10 @@ def test_two_ranks_build_once_and_split_each_window(tmp_path):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     cfg = DataConfig(cache_dir=str(tmp_path / "cache"))
-    # fork: the children inherit the imported modules (spawning re-imports torch and megatron-core per rank)
-    queue = mp.get_context("fork").SimpleQueue()
-    mp.start_processes(_rank_main, args=(port, cfg, str(tmp_path), queue), nprocs=2, start_method="fork")
+    # spawn, not fork: earlier tests in this process may have run gloo, whose threads a forked child inherits
+    # half-alive (the child's process-group set-up then deadlocks).
+    queue = mp.get_context("spawn").SimpleQueue()
+    mp.start_processes(_rank_main, args=(port, cfg, str(tmp_path), queue), nprocs=2, start_method="spawn")
     results = dict(queue.get() for _ in range(2))
     assert results[0] == [[4, 5], [8, 9], [12, 13]]
     assert results[1] == [[6, 7], [10, 11], [14, 15]]
