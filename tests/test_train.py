@@ -142,3 +142,23 @@ def test_dangling_latest_pointer_is_reported(tmp_path):
     (tmp_path / "latest").write_text("step_0000009")
     with pytest.raises(CheckpointError, match="step_0000009"):
         ckpt.latest_checkpoint(str(tmp_path))
+
+
+def test_the_log_says_which_datasets_fed_each_interval(tmp_path, data_cache):
+    from mimo.data.config import PreprocessConfig
+    from mimo.data.preprocess import preprocess
+
+    corpus = tmp_path / "reversed.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"{i} " + "elpmas desrever a si siht " * 40}) + "\n" for i in range(300)))
+    preprocess(PreprocessConfig(inputs=[str(corpus)], output=str(tmp_path / "reversed"), workers=1))
+    steps, interval = 4, 2
+    run_training(
+        tiny(tmp_path / "run", data_cache, f"train.steps={steps}", f"logging.interval={interval}",
+             f'data.blend=["0.5 mimo:jargon", "0.5 {tmp_path / "reversed"}"]')
+    )
+    logged = read_metrics(tmp_path / "run")
+    global_batch = load_config().train.global_batch_size
+    # Each logged line counts the samples since the previous one: together, every sample of the run once.
+    assert sum(sum(r["samples_per_dataset"].values()) for r in logged) == steps * global_batch
+    assert all(set(r["samples_per_dataset"]) == {"mimo:jargon", "reversed"} for r in logged)
+    assert min(logged[-1]["samples_per_dataset"].values()) > 0

@@ -34,7 +34,7 @@ from mimo.train.checkpoint import (
     read_meta,
     save_checkpoint,
 )
-from mimo.train.metrics import MetricsWriter, StepProgress
+from mimo.train.metrics import DatasetTally, MetricsWriter, StepProgress
 from mimo.train.preemption import StopRequest
 from mimo.train.schedule import Schedule, ScheduledValues
 from mimo.train.step import StepResult, train_step
@@ -263,11 +263,15 @@ def run_training(cfg: MimoConfig) -> RunSummary:
             dp_size=runtime.layout.dp,
             seed=cfg.run.seed,
         )
-        iterators = chunk_iterators(data.train, len(chunks))
+        tally = DatasetTally(data.train, data.dataset_names)
+        iterators = chunk_iterators(tally, len(chunks))
         writer = MetricsWriter(
             cfg.run.dir, cfg.logging, OmegaConf.to_container(OmegaConf.structured(cfg)), runtime.is_main
         )
-        return _loop(cfg, runtime, chunks, optimizer, config, iterators, schedule, state, writer, stop, layout, record, resumed_from)
+        return _loop(
+            cfg, runtime, chunks, optimizer, config, iterators, tally, schedule, state, writer, stop, layout, record,
+            resumed_from,
+        )
     finally:
         stop.uninstall()
         if writer is not None:
@@ -275,7 +279,9 @@ def run_training(cfg: MimoConfig) -> RunSummary:
         shutdown()
 
 
-def _loop(cfg, runtime, chunks, optimizer, config, iterators, schedule, state, writer, stop, layout, record, resumed_from):
+def _loop(
+    cfg, runtime, chunks, optimizer, config, iterators, tally, schedule, state, writer, stop, layout, record, resumed_from
+):
     losses: List[float] = []
     grad_norms: List[float] = []
     samples_per_microbatch = cfg.train.micro_batch_size * runtime.layout.dp
@@ -332,6 +338,7 @@ def _loop(cfg, runtime, chunks, optimizer, config, iterators, schedule, state, w
                 **{key: value for key, value in asdict(values).items()},
                 "tokens_per_s": interval_tokens / max(elapsed, 1e-9),
                 "peak_memory_gib": peak_memory_gib(runtime.device),
+                "samples_per_dataset": tally.take(parallel_state.get_data_parallel_group(), runtime.device),
             })
             interval_tokens, interval_start = 0, time.perf_counter()
 

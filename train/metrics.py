@@ -9,7 +9,10 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Iterator, Sequence
+
+import torch
+import torch.distributed as dist
 
 from mimo.train.config import LoggingConfig
 
@@ -60,6 +63,9 @@ class MetricsWriter:
         if self._wandb is not None:
             self._wandb.log(values, step=step)
         parts = [fmt.format(values[key]) for key, fmt in CONSOLE_FIELDS if values.get(key) is not None]
+        if len(values.get("samples_per_dataset", {})) > 1:
+            total = sum(values["samples_per_dataset"].values()) or 1
+            parts.append("data " + " ".join(f"{name} {n / total:.0%}" for name, n in values["samples_per_dataset"].items()))
         logger.info("step %d | tokens %d | %s", step, values.get("tokens", 0), " | ".join(parts))
 
     def close(self) -> None:
@@ -67,6 +73,33 @@ class MetricsWriter:
             self._jsonl.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+class DatasetTally:
+    """Counts which blended datasets the micro-batches came from, so the log shows what fed each interval.
+
+    Wraps this rank's data iterator; ``take`` sums the counts over the data-parallel replicas (the only ranks
+    that see different samples) and starts a new interval.
+    """
+
+    def __init__(self, iterator: Iterator[dict], names: Sequence[str]):
+        self._iterator = iterator
+        self.names = list(names)
+        self._counts = torch.zeros(len(self.names), dtype=torch.float64)
+
+    def __iter__(self) -> "DatasetTally":
+        return self
+
+    def __next__(self) -> dict:
+        batch = next(self._iterator)
+        self._counts += torch.bincount(batch["dataset_id"], minlength=len(self.names)).to(torch.float64)
+        return batch
+
+    def take(self, group, device: torch.device) -> Dict[str, int]:
+        counts = self._counts.to(device, copy=True)
+        dist.all_reduce(counts, group=group)
+        self._counts.zero_()
+        return {name: int(n) for name, n in zip(self.names, counts.cpu().tolist())}
 
 
 class StepProgress:
