@@ -17,6 +17,8 @@ from megatron.core import parallel_state
 from megatron.core.extensions.transformer_engine import HAVE_TE
 from megatron.core.models.gpt.gpt_model import GPTModel
 from megatron.core.transformer.moe.moe_layer import MoELayer
+from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import init_method_normal
 
@@ -156,6 +158,7 @@ def build_model(
             f"precision.fp8={precision.fp8} needs Transformer Engine on a GPU; set precision.fp8=null"
         )
     _check_parallel_state(parallel_cfg)
+    _reset_loss_trackers()
     config = transformer_config(model_cfg, parallel_cfg, precision)
     stages = range(parallel_cfg.vpp) if parallel_cfg.vpp else [None]
     chunks = [
@@ -194,6 +197,13 @@ def _mark_expert_parameters(chunks: List[GPTModel]) -> None:
             if isinstance(module, MoELayer):
                 for param in module.experts.parameters():
                     param.allreduce = False
+
+
+def _reset_loss_trackers() -> None:
+    """megatron keeps its MTP and MoE loss-logging trackers as process globals, sized by the first model that
+    logs into them; a process that builds another model (tests, conversion, evaluation) must start them afresh."""
+    MTPLossLoggingHelper.tracker.clear()
+    get_moe_layer_wise_logging_tracker().clear()
 
 
 def _check_parallel_state(parallel_cfg: ParallelConfig) -> None:
