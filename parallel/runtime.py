@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from mimo.model.config import ModelConfig
 from mimo.parallel.config import ParallelConfig
+from mimo.parallel.backend_limits import check_backend_support
 from mimo.parallel.cpu_compat import enable_cpu_compat
 from mimo.parallel.megatron_fixes import apply_megatron_fixes
 from mimo.parallel.layout import ResolvedLayout, validate_layout
@@ -91,6 +92,9 @@ def initialize(
         enable_cpu_compat()
         device = torch.device("cpu")
     apply_megatron_fixes()
+    from megatron.core.optimizer.distrib_optimizer import HAVE_APEX_OR_TE
+
+    check_backend_support(layout, model, backend=backend, fused_adam=HAVE_APEX_OR_TE)
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()

@@ -1,0 +1,54 @@
+"""Layouts that are valid for the model but that the software underneath cannot run on this machine.
+
+``validate_layout`` checks what any correct implementation needs. The two rules here come from the communication
+backend and the optimizer implementation in use, found when mimo ran every layout on CPU (gloo, torch's Adam):
+they are refused before any process group exists, with the numbers and the change to make, instead of failing
+inside megatron-core at the first MoE layer or the first checkpoint.
+"""
+
+from typing import List
+
+from mimo.model.config import ModelConfig
+from mimo.parallel.layout import LayoutError, ResolvedLayout
+
+GLOO = "gloo"
+
+
+def check_backend_support(layout: ResolvedLayout, model: ModelConfig, *, backend: str, fused_adam: bool) -> None:
+    """Raise LayoutError for a layout that ``backend`` or the optimizer cannot run.
+
+    ``fused_adam`` says whether Transformer Engine's or Apex's Adam is installed (megatron-core then never uses
+    torch's Adam).
+    """
+    if backend == GLOO and layout.ep > 1 and layout.etp > 1:
+        raise LayoutError(
+            f"parallel.etp={layout.etp} with parallel.ep={layout.ep}: the experts' tensor-parallel ranks gather"
+            " different numbers of routed tokens from each other, and the gloo backend (CPU) can only all-gather"
+            " equal sizes. On CPU use parallel.etp=1 (or parallel.ep=1); NCCL runs this layout"
+        )
+    if not fused_adam and model.num_layers > model.num_dense_layers:
+        for stage, layers in enumerate(stage_layer_indices(layout)):
+            if all(layer < model.num_dense_layers for layer in layers):
+                raise LayoutError(
+                    f"pipeline stage {stage} holds only dense layers {layers} (model.num_dense_layers="
+                    f"{model.num_dense_layers}) and so no expert parameters; without Transformer Engine or Apex,"
+                    " megatron-core 0.16.1 cannot checkpoint the empty expert optimizer such a stage has. Give"
+                    f" every stage a MoE layer: at least {model.num_dense_layers + 1} layers on the first stage"
+                    " (parallel.pipeline_first_stage_layers), or fewer pipeline stages"
+                )
+
+
+def stage_layer_indices(layout: ResolvedLayout) -> List[List[int]]:
+    """The decoder layers each pipeline rank holds, over all its virtual stages, in megatron's order.
+
+    Virtual stage v of pipeline rank s holds ``stage_layers[s] / vpp`` layers, placed after round v's chunks of
+    the earlier ranks; round v starts after ``v * num_layers / vpp`` layers.
+    """
+    vpp = layout.vpp or 1
+    per_round = sum(layout.stage_layers) // vpp
+    ranks: List[List[int]] = []
+    for stage, count in enumerate(layout.stage_layers):
+        chunk = count // vpp
+        before = sum(layout.stage_layers[:stage]) // vpp
+        ranks.append([v * per_round + before + i for v in range(vpp) for i in range(chunk)])
+    return ranks
