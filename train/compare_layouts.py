@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-COMPARED = ("loss", "lm_loss", "mtp_loss", "grad_norm")
+COMPARED = ("loss", "lm_loss", "mtp_loss", "aux_loss", "grad_norm")
 
 
 @dataclass
