@@ -23,6 +23,7 @@ from mimo.model.config import ModelConfig, PrecisionConfig
 from mimo.model.hf_mapping import ShardLayout, hf_config_to_mimo, hf_to_mimo, mimo_config_to_hf, mimo_to_hf
 from mimo.parallel.config import ParallelConfig
 from mimo.parallel.runtime import free_port, initialize, shutdown
+from tiny_hub import mtp_block_tensors
 
 SEQ = 40
 BATCH = 2
@@ -124,21 +125,8 @@ def test_mtp_block_matches_reference_built_from_transformers_modules(single_rank
         for norm in (enorm, hnorm, body.norm, body.layers[0].input_layernorm, body.layers[0].post_attention_layernorm):
             norm.weight.uniform_(0.5, 1.5)
         body.layers[0].self_attn.sinks.normal_(0.0, 1.0)
-    layer = body.layers[0]
-    prefix = "model.mtp.layers.0."
-    mtp_tensors = {
-        f"{prefix}enorm.weight": enorm.weight,
-        f"{prefix}hnorm.weight": hnorm.weight,
-        f"{prefix}eh_proj.weight": eh_proj.weight,
-        f"{prefix}final_layernorm.weight": body.norm.weight,
-        f"{prefix}input_layernorm.weight": layer.input_layernorm.weight,
-        f"{prefix}pre_mlp_layernorm.weight": layer.post_attention_layernorm.weight,
-        f"{prefix}self_attn.attention_sink_bias": layer.self_attn.sinks,
-        **{f"{prefix}self_attn.{p}_proj.weight": getattr(layer.self_attn, f"{p}_proj").weight for p in "qkvo"},
-        **{f"{prefix}mlp.{p}_proj.weight": getattr(layer.mlp, f"{p}_proj").weight for p in ("gate", "up", "down")},
-    }
     cfg = hf_config_to_mimo(hf_model.config, base=ModelConfig(mtp_num_layers=1))
-    model = mimo_from_hub(cfg, {**hub_tensors, **{k: v.detach() for k, v in mtp_tensors.items()}})
+    model = mimo_from_hub(cfg, {**hub_tensors, **mtp_block_tensors(enorm, hnorm, eh_proj, body)})
     captured = {}
     model.mtp.register_forward_hook(lambda module, args, output: captured.setdefault("out", output))
     ids = torch.randint(0, cfg.vocab_size, (BATCH, SEQ), generator=torch.Generator().manual_seed(2))

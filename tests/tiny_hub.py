@@ -73,6 +73,25 @@ class TinyHub:
         return self.model.lm_head(self.mtp_body(inputs_embeds=fused).last_hidden_state)
 
 
+def mtp_block_tensors(enorm, hnorm, eh_proj, body) -> Dict[str, torch.Tensor]:
+    """MTP block 0 in the Hub's naming, from transformers modules: ``body`` is a one-layer MiMoV2FlashModel
+    whose layer is the block's SWA + dense-FFN layer and whose final norm is the block's final_layernorm."""
+    prefix = "model.mtp.layers.0."
+    layer = body.layers[0]
+    tensors = {
+        f"{prefix}enorm.weight": enorm.weight,
+        f"{prefix}hnorm.weight": hnorm.weight,
+        f"{prefix}eh_proj.weight": eh_proj.weight,
+        f"{prefix}final_layernorm.weight": body.norm.weight,
+        f"{prefix}input_layernorm.weight": layer.input_layernorm.weight,
+        f"{prefix}pre_mlp_layernorm.weight": layer.post_attention_layernorm.weight,
+        f"{prefix}self_attn.attention_sink_bias": layer.self_attn.sinks,
+        **{f"{prefix}self_attn.{p}_proj.weight": getattr(layer.self_attn, f"{p}_proj").weight for p in "qkvo"},
+        **{f"{prefix}mlp.{p}_proj.weight": getattr(layer.mlp, f"{p}_proj").weight for p in ("gate", "up", "down")},
+    }
+    return {name: tensor.detach() for name, tensor in tensors.items()}
+
+
 def make_tiny_hub(directory: Path, seed: int = 0) -> TinyHub:
     torch.manual_seed(seed)
     model = MiMoV2FlashForCausalLM(MiMoV2FlashConfig(**HF_TINY)).eval()
@@ -102,19 +121,7 @@ def make_tiny_hub(directory: Path, seed: int = 0) -> TinyHub:
     for shard in sorted(set(index["weight_map"].values())):
         tensors.update(load_file(str(directory / shard)))
 
-    prefix = "model.mtp.layers.0."
-    mtp = {
-        f"{prefix}enorm.weight": enorm.weight,
-        f"{prefix}hnorm.weight": hnorm.weight,
-        f"{prefix}eh_proj.weight": eh_proj.weight,
-        f"{prefix}final_layernorm.weight": body.norm.weight,
-        f"{prefix}input_layernorm.weight": layer.input_layernorm.weight,
-        f"{prefix}pre_mlp_layernorm.weight": layer.post_attention_layernorm.weight,
-        f"{prefix}self_attn.attention_sink_bias": layer.self_attn.sinks,
-        **{f"{prefix}self_attn.{p}_proj.weight": getattr(layer.self_attn, f"{p}_proj").weight for p in "qkvo"},
-        **{f"{prefix}mlp.{p}_proj.weight": getattr(layer.mlp, f"{p}_proj").weight for p in ("gate", "up", "down")},
-    }
-    mtp = {name: tensor.detach().clone().contiguous() for name, tensor in mtp.items()}
+    mtp = {name: tensor.clone().contiguous() for name, tensor in mtp_block_tensors(enorm, hnorm, eh_proj, body).items()}
     save_file(mtp, str(directory / MTP_SHARD), metadata={"format": "pt"})
     index["weight_map"].update({name: MTP_SHARD for name in mtp})
     (directory / INDEX).write_text(json.dumps(index))
