@@ -1,6 +1,6 @@
 """Layouts that are valid for the model but that the software underneath cannot run on this machine.
 
-``validate_layout`` checks what any correct implementation needs. The two rules here come from the communication
+``validate_layout`` checks what any correct implementation needs. The rules here come from the communication
 backend and the optimizer implementation in use, found when mimo ran every layout on CPU (gloo, torch's Adam):
 they are refused before any process group exists, with the numbers and the change to make, instead of failing
 inside megatron-core at the first MoE layer or the first checkpoint.
@@ -12,6 +12,7 @@ from mimo.model.config import ModelConfig
 from mimo.parallel.layout import LayoutError, ResolvedLayout
 
 GLOO = "gloo"
+FLEX_DISPATCHER = "flex"
 
 
 def check_backend_support(layout: ResolvedLayout, model: ModelConfig, *, backend: str, fused_adam: bool) -> None:
@@ -25,6 +26,11 @@ def check_backend_support(layout: ResolvedLayout, model: ModelConfig, *, backend
             f"parallel.etp={layout.etp} with parallel.ep={layout.ep}: the experts' tensor-parallel ranks gather"
             " different numbers of routed tokens from each other, and the gloo backend (CPU) can only all-gather"
             " equal sizes. On CPU use parallel.etp=1 (or parallel.ep=1); NCCL runs this layout"
+        )
+    if backend == GLOO and model.moe_token_dispatcher == FLEX_DISPATCHER and model.num_layers > model.num_dense_layers:
+        raise LayoutError(
+            "model.moe_token_dispatcher=flex is megatron-core's DeepEP/HybridEP dispatcher, which runs on GPUs only;"
+            " on CPU (gloo) use model.moe_token_dispatcher=alltoall or allgather"
         )
     if not fused_adam and model.num_layers > model.num_dense_layers:
         for stage, layers in enumerate(stage_layer_indices(layout)):
