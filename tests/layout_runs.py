@@ -1,0 +1,160 @@
+"""Real ``mimo-train`` runs under several parallel layouts, and what the layout tests compare of them.
+
+Every run is ``mimo.train.cli.main(overrides)``, the function behind ``mimo-train`` and ``python -m mimo.train``,
+with its own process group and megatron parallel state. Starting a rank costs about 8 s of imports on a 2-core
+machine, more than the 3-step run itself, so the ranks of one world size are spawned once and run their layouts
+one after another (each run on a fresh rendezvous port, the way torchrun would set RANK, WORLD_SIZE and
+MASTER_PORT); single-rank runs run in the test process.
+"""
+
+import json
+import logging
+import os
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Iterator, List, Sequence
+
+import torch
+import torch.multiprocessing as mp
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+from mimo.parallel.runtime import LOOPBACK, free_port
+from mimo.train.compare_layouts import relative_differences
+
+COMMON = (
+    "train.global_batch_size=8",
+    "train.micro_batch_size=2",
+    "logging.interval=1",
+    "precision.dtype=fp32",
+    "model.mtp_num_layers=1",
+    # A rank that fails makes the others wait in a collective; let them give up within the test's patience.
+    "parallel.timeout_minutes=3",
+)
+"""The tiny model with MTP in FP32, one seed, one global batch of 8 sequences (every layout divides it); each
+test adds ``train.steps`` and its checkpoint settings."""
+
+
+@dataclass
+class Run:
+    """One ``mimo-train`` invocation: its run directory and the overrides beyond ``COMMON``."""
+
+    run_dir: Path
+    overrides: Sequence[str]
+    log: List[str] = field(default_factory=list)
+    """The ``mimo`` logger's messages on rank 0, filled in once the run finished."""
+    _checkpoints: Dict[int, Dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
+
+    def argv(self, data_cache: Path) -> List[str]:
+        return [f"run.dir={self.run_dir}", f"data.cache_dir={data_cache}", *COMMON, *self.overrides]
+
+    def metrics(self) -> List[Dict[str, float]]:
+        return [json.loads(line) for line in (self.run_dir / "metrics.jsonl").read_text().splitlines()]
+
+    def checkpoint(self, step: int) -> Dict[str, torch.Tensor]:
+        """The tensors of the checkpoint saved at ``step`` (read once)."""
+        if step not in self._checkpoints:
+            self._checkpoints[step] = checkpoint_tensors(self.run_dir / "checkpoints" / f"step_{step:07d}")
+        return self._checkpoints[step]
+
+
+class RunFailed(RuntimeError):
+    pass
+
+
+@contextmanager
+def captured_log() -> Iterator[List[str]]:
+    """Collect the ``mimo`` logger's messages (the run reconfigures the root logger, so hook in below it)."""
+    lines: List[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record.getMessage())
+
+    handler = Collect()
+    logger = logging.getLogger("mimo")
+    logger.addHandler(handler)
+    try:
+        yield lines
+    finally:
+        logger.removeHandler(handler)
+
+
+def run_single(run: Run, data_cache: Path) -> Run:
+    """Run on one rank in this process."""
+    from mimo.train.cli import main
+
+    with captured_log() as lines:
+        code = main(run.argv(data_cache))
+    run.log = lines
+    if code:
+        raise RunFailed(f"single-rank run {run.overrides} exited with {code}:\n" + "\n".join(lines[-20:]))
+    return run
+
+
+def run_group(nproc: int, runs: Sequence[Run], data_cache: Path) -> Sequence[Run]:
+    """Run ``runs`` in order on ``nproc`` spawned ranks; a failing run stops the group with its log."""
+    ports: List[int] = []
+    while len(ports) < len(runs):
+        port = free_port()
+        if port not in ports:
+            ports.append(port)
+    with tempfile.TemporaryDirectory() as log_dir:
+        argvs = [run.argv(data_cache) for run in runs]
+        try:
+            mp.spawn(_rank_main, args=(nproc, ports, argvs, log_dir), nprocs=nproc, join=True)
+        finally:
+            for index, run in enumerate(runs):
+                result = Path(log_dir) / f"{index}.json"
+                if result.exists():
+                    run.log = json.loads(result.read_text())["log"]
+    return runs
+
+
+def _rank_main(rank: int, nproc: int, ports: List[int], argvs: List[List[str]], log_dir: str) -> None:
+    torch.set_num_threads(1)
+    from mimo.train.cli import main
+
+    for index, (port, argv) in enumerate(zip(ports, argvs)):
+        os.environ.update(
+            RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc), MASTER_ADDR=LOOPBACK, MASTER_PORT=str(port)
+        )
+        with captured_log() as lines:
+            code = main(argv)
+        if rank == 0:
+            (Path(log_dir) / f"{index}.json").write_text(json.dumps({"code": code, "log": lines}))
+        if code:
+            raise RunFailed(f"rank {rank}: run {argv} exited with {code}:\n" + "\n".join(lines[-20:]))
+
+
+def checkpoint_tensors(path: Path) -> Dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint by its global name: the model's, the optimizer's (in megatron's reshardable
+    model-space format) and the router's expert bias. Layout-dependent entries (per-rank RNG states, the linear
+    layers' empty extra state) are not tensors and are left out."""
+    with tempfile.TemporaryDirectory() as tmp:
+        target = Path(tmp) / "checkpoint.pt"
+        dcp_to_torch_save(str(path), str(target))
+        state = torch.load(target, weights_only=False)
+    return {key: value for key, value in state.items() if torch.is_tensor(value)}
+
+
+def worst_metric_difference(reference: List[Dict[str, float]], records: List[Dict[str, float]]) -> Dict[str, float]:
+    """The largest relative difference per logged metric (loss, lm/mtp/aux loss, grad norm), over the steps."""
+    return {key: max(values) for key, values in relative_differences(reference, records).items()}
+
+
+def tensor_differences(reference: Dict[str, torch.Tensor], tensors: Dict[str, torch.Tensor]) -> Dict[str, float]:
+    """|a - b| / |a| (Frobenius norms, in FP64) per tensor; both sides must hold the same names."""
+    if reference.keys() != tensors.keys():
+        raise AssertionError(
+            f"the checkpoints hold different tensors: only in the reference {sorted(reference.keys() - tensors.keys())},"
+            f" only in the other {sorted(tensors.keys() - reference.keys())}"
+        )
+    differences = {}
+    for key, expected in reference.items():
+        expected, actual = expected.double(), tensors[key].double()
+        if expected.shape != actual.shape:
+            raise AssertionError(f"{key}: shape {tuple(actual.shape)}, reference {tuple(expected.shape)}")
+        differences[key] = ((actual - expected).norm() / expected.norm().clamp(min=1e-30)).item()
+    return differences
