@@ -10,8 +10,9 @@ could be compared or be expected to train alike.
 Here every randomly initialised tensor is redrawn, after megatron built the model, from its own generator seeded
 by the run seed and the tensor's name in the checkpoint: the global name megatron-core gives it for resharding
 (layer numbers counted over all pipeline stages, experts by their global index). The whole global tensor is drawn
-with the model's init method, on the CPU, in FP32 as megatron's CPU initialisation does, and this rank keeps the
-slice the checkpoint metadata assigns to it. The initial model is therefore the one a checkpoint of it would hold,
+with the model's init method in FP32, as megatron's CPU initialisation does, on the parameter's device (a GPU
+draws its own stream: the same on every GPU layout, not the CPU's numbers), and this rank keeps the slice the
+checkpoint metadata assigns to it. The initial model is therefore the one a checkpoint of it would hold,
 whatever layout loads it.
 """
 
@@ -93,8 +94,9 @@ def _draw_shard(shard: ShardedTensor, seed: int, init_method) -> None:
     prepended = shard.prepend_axis_num
     # Axes megatron prepends (the global expert index) select separate tensors, each drawn on its own.
     name = f"{shard.key}@{tuple(shard.global_offset[:prepended])}"
-    generator = torch.Generator(device="cpu").manual_seed(tensor_seed(seed, name))
-    full = torch.empty(shard.global_shape[prepended:], dtype=torch.float32)
+    device = shard.data.device
+    generator = torch.Generator(device=device).manual_seed(tensor_seed(seed, name))
+    full = torch.empty(shard.global_shape[prepended:], dtype=torch.float32, device=device)
     init_method(full, generator=generator)
     index = tuple(
         slice(offset, offset + size) for offset, size in zip(shard.global_offset[prepended:], shard.data.shape)
@@ -107,4 +109,4 @@ def tensor_seed(seed: int, name: str) -> int:
     """A 64-bit seed for one named tensor of a run; a hash, so names that differ little still draw unrelated
     streams and the value is the same in every process and Python version."""
     digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
-    return int.from_bytes(digest[:SEED_BYTES], "little") & ((1 << 63) - 1)
+    return int.from_bytes(digest[:SEED_BYTES], "little")
