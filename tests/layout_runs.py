@@ -148,8 +148,8 @@ def tensor_differences(reference: Dict[str, torch.Tensor], tensors: Dict[str, to
     """|a - b| / |a| (Frobenius norms, in FP64) per tensor; both sides must hold the same names."""
     if reference.keys() != tensors.keys():
         raise AssertionError(
-            f"the checkpoints hold different tensors: only in the reference {sorted(reference.keys() - tensors.keys())},"
-            f" only in the other {sorted(tensors.keys() - reference.keys())}"
+            "the checkpoints hold different tensors: only in the reference"
+            f" {sorted(reference.keys() - tensors.keys())}, only in the other {sorted(tensors.keys() - reference.keys())}"
         )
     differences = {}
     for key, expected in reference.items():

@@ -85,8 +85,11 @@ def test_initial_and_trained_tensors_match_one_rank(name, layouts, single):
 
 
 def _cli(tmp_path: Path, nproc: int, *overrides: str) -> subprocess.CompletedProcess:
-    launcher = ["-m", "mimo.train"] if nproc == 1 else ["-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-                                                          "--standalone", "-m", "mimo.train"]
+    launcher = (
+        ["-m", "mimo.train"]
+        if nproc == 1
+        else ["-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--standalone", "-m", "mimo.train"]
+    )
     command = [sys.executable, *launcher, f"run.dir={tmp_path}", *overrides]
     return subprocess.run(command, capture_output=True, text=True, timeout=120)
 
@@ -122,6 +125,12 @@ def test_backend_limits_refuse_what_gloo_and_torch_adam_cannot_run():
         check_backend_support(dense_first, ModelConfig(), backend="gloo", fused_adam=False)
     check_backend_support(dense_first, ModelConfig(), backend="nccl", fused_adam=True)
     with pytest.raises(LayoutError, match=r"moe_token_dispatcher=flex.*GPUs only"):
-        check_backend_support(_resolved(2, ep=2), ModelConfig(moe_token_dispatcher="flex"), backend="gloo", fused_adam=False)
-    for parallel in (dict(pp=2), dict(pp=2, vpp=2), dict(pp=2, pipeline_first_stage_layers=3, pipeline_last_stage_layers=1)):
+        check_backend_support(
+            _resolved(2, ep=2), ModelConfig(moe_token_dispatcher="flex"), backend="gloo", fused_adam=False
+        )
+    for parallel in (
+        dict(pp=2),
+        dict(pp=2, vpp=2),
+        dict(pp=2, pipeline_first_stage_layers=3, pipeline_last_stage_layers=1),
+    ):
         check_backend_support(_resolved(2, **parallel), ModelConfig(), backend="gloo", fused_adam=False)

@@ -39,13 +39,20 @@ class Move:
 
 MOVES = [
     Move(
-        "tp2-ep2-to-pp2-dp2", 4, ["parallel.tp=2", "parallel.ep=2"], 4, ["parallel.pp=2"],
+        "tp2-ep2-to-pp2-dp2",
+        4,
+        ["parallel.tp=2", "parallel.ep=2"],
+        4,
+        ["parallel.pp=2"],
         ["tp: 2 -> 1", "pp: 1 -> 2", "ep: 2 -> 1"],
     ),
     Move("dp2-to-one-rank", 2, ["parallel.distributed_optimizer=true"], 1, [], ["world_size: 2 -> 1", "dp: 2 -> 1"]),
     Move("ep2-to-tp2", 2, ["parallel.ep=2"], 2, ["parallel.tp=2"], ["tp: 1 -> 2", "ep: 2 -> 1", "dp: 2 -> 1"]),
     Move(
-        "pp2-vpp2-to-ep2-allgather", 2, ["parallel.pp=2", "parallel.vpp=2"], 2,
+        "pp2-vpp2-to-ep2-allgather",
+        2,
+        ["parallel.pp=2", "parallel.vpp=2"],
+        2,
         ["parallel.ep=2", "model.moe_token_dispatcher=allgather"],
         ["pp: 2 -> 1", "vpp: 2 -> None", "ep: 1 -> 2", "dp: 1 -> 2"],
     ),
