@@ -147,9 +147,10 @@ def worst_metric_difference(reference: List[Dict[str, float]], records: List[Dic
 def tensor_differences(reference: Dict[str, torch.Tensor], tensors: Dict[str, torch.Tensor]) -> Dict[str, float]:
     """|a - b| / |a| (Frobenius norms, in FP64) per tensor; both sides must hold the same names."""
     if reference.keys() != tensors.keys():
+        only_reference = sorted(reference.keys() - tensors.keys())
+        only_other = sorted(tensors.keys() - reference.keys())
         raise AssertionError(
-            "the checkpoints hold different tensors: only in the reference"
-            f" {sorted(reference.keys() - tensors.keys())}, only in the other {sorted(tensors.keys() - reference.keys())}"
+            f"the checkpoints hold different tensors: only in the reference {only_reference}, only in the other {only_other}"
         )
     differences = {}
     for key, expected in reference.items():
