@@ -150,7 +150,8 @@ def tensor_differences(reference: Dict[str, torch.Tensor], tensors: Dict[str, to
         only_reference = sorted(reference.keys() - tensors.keys())
         only_other = sorted(tensors.keys() - reference.keys())
         raise AssertionError(
-            f"the checkpoints hold different tensors: only in the reference {only_reference}, only in the other {only_other}"
+            f"the checkpoints hold different tensors: only in the reference {only_reference},"
+            f" only in the other {only_other}"
         )
     differences = {}
     for key, expected in reference.items():
