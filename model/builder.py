@@ -17,8 +17,8 @@ from megatron.core import parallel_state
 from megatron.core.extensions.transformer_engine import HAVE_TE
 from megatron.core.models.gpt.gpt_model import GPTModel
 from megatron.core.transformer.moe.moe_layer import MoELayer
-from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
-from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
+from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, get_moe_layer_wise_logging_tracker
+from megatron.core.transformer.multi_token_prediction import MTPLossAutoScaler, MTPLossLoggingHelper
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import init_method_normal
 
@@ -200,10 +200,13 @@ def _mark_expert_parameters(chunks: List[GPTModel]) -> None:
 
 
 def _reset_loss_trackers() -> None:
-    """megatron keeps its MTP and MoE loss-logging trackers as process globals, sized by the first model that
-    logs into them; a process that builds another model (tests, conversion, evaluation) must start them afresh."""
+    """megatron keeps its MTP and MoE loss-logging trackers and auxiliary-loss scales as process globals, shaped
+    by the first model that uses them; a process that builds another model (tests, conversion, evaluation) must
+    start them afresh."""
     MTPLossLoggingHelper.tracker.clear()
     get_moe_layer_wise_logging_tracker().clear()
+    MoEAuxLossAutoScaler.main_loss_backward_scale = None
+    MTPLossAutoScaler.main_loss_backward_scale = torch.tensor(1.0)  # megatron's own initial value
 
 
 def _check_parallel_state(parallel_cfg: ParallelConfig) -> None:

@@ -1,7 +1,10 @@
 """One optimizer step: megatron-core's forward/backward schedule over the step's micro-batches, then the update.
 
-Losses are summed per token and divided by the global token count (``calculate_per_token_loss``), so the loss
-and its gradient are the same whatever the layout splits the global batch into.
+Each micro-batch's loss is its token mean, averaged over the step's micro-batches and data-parallel ranks
+(megatron's default reduction). With every token counted (the default data settings) that equals the mean over
+the global batch on every layout. With data.eod_mask_loss=true micro-batches count different numbers of tokens
+and the weighting depends on how the layout splits the batch; megatron's per-token mode would fix that, but in
+megatron-core 0.16.1 it scales the router's aux loss by each rank's local token count, which is layout-dependent.
 """
 
 from dataclasses import dataclass
