@@ -30,7 +30,7 @@ from mimo.train.checkpoint import latest_checkpoint, load_checkpoint, read_meta
 from mimo.train.convert import check_tensors, export_hf, import_hf, imported_model_config, main
 from mimo.train.evaluate import evaluate
 from mimo.train.hf_checkpoint import ConvertError, HFCheckpoint, hub_tensor_shapes
-from tiny_hub import FULL, HF_TINY, SLIDING, make_tiny_hub
+from tiny_hub import FULL, HF_TINY, SLIDING
 
 SEQ = 32
 SMALL = (f"train.seq_length={SEQ}", "train.global_batch_size=4", "train.micro_batch_size=2")
@@ -56,11 +56,6 @@ def assert_same_tensors(actual: dict, expected: dict) -> None:
         if actual[name].dtype != expected[name].dtype or not torch.equal(actual[name], expected[name])
     ]
     assert different == []
-
-
-@pytest.fixture(scope="module")
-def hub(tmp_path_factory):
-    return make_tiny_hub(tmp_path_factory.mktemp("hub"))
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,6 @@ from mimo.data import build_tokenizer
 from mimo.data.config import DataConfig
 from mimo.train.convert import import_hf
 from mimo.train.evaluate import evaluate, main
-from tiny_hub import make_tiny_hub
 
 SEQ = 32
 EVAL = (f"train.seq_length={SEQ}", "train.global_batch_size=4", "train.micro_batch_size=2")
@@ -64,11 +63,6 @@ def reference(hub, stream, seq_length: int) -> Reference:
         mtp_tokens=int(sums[3]),
         acceptance=(sums[4] / sums[3]).item(),
     )
-
-
-@pytest.fixture(scope="module")
-def hub(tmp_path_factory):
-    return make_tiny_hub(tmp_path_factory.mktemp("hub"))
 
 
 @pytest.fixture(scope="module")
