@@ -316,9 +316,8 @@ def _allocate_optimizer_state(optimizer: MegatronOptimizer) -> None:
                 inner.state[param].setdefault("step", torch.zeros((), dtype=torch.float32))
 
 
-def describe_layout_change(meta_layout: Dict[str, Any], layout: Dict[str, Any]) -> List[str]:
+def describe_changes(saved: Dict[str, Any], current: Dict[str, Any], separator: str = ": ") -> List[str]:
+    """``key: old -> new`` for every setting of ``current`` that differs from what the checkpoint saved."""
     return [
-        f"{key}: {meta_layout.get(key)} -> {value}"
-        for key, value in layout.items()
-        if meta_layout.get(key) != value
+        f"{key}{separator}{saved.get(key)} -> {value}" for key, value in current.items() if saved.get(key) != value
     ]

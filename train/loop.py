@@ -28,7 +28,7 @@ from mimo.parallel.runtime import Runtime, initialize, shutdown
 from mimo.recipes import ConfigError, MimoConfig, to_yaml
 from mimo.train.checkpoint import (
     TrainState,
-    describe_layout_change,
+    describe_changes,
     latest_checkpoint,
     load_checkpoint,
     read_meta,
@@ -160,7 +160,7 @@ def _resume(
         logger.info("no checkpoint in %s: starting from scratch", cfg.checkpoint.dir)
         return TrainState(stage=stage, data_stream=stream), None
     meta = read_meta(path)
-    layout_changes = describe_layout_change(meta.get("layout", {}), layout)
+    layout_changes = describe_changes(meta.get("layout", {}), layout)
     state = load_checkpoint(path, chunks, optimizer, cfg.model, layout)
     logger.info(
         "resumed from %s (step %d, %d samples, %d tokens)%s",
@@ -168,7 +168,7 @@ def _resume(
         "; layout changed: " + ", ".join(layout_changes) if layout_changes else "",
     )
     if state.stage != stage:
-        logger.info("stage %r -> %r: %s", state.stage, stage, "; ".join(_run_changes(meta, record)) or "same settings")
+        logger.info("stage %r -> %r: %s", state.stage, stage, "; ".join(describe_changes(meta.get("run", {}), record, separator=" ")) or "same settings")
         state.stage = stage
     if state.data_stream != stream:
         logger.info(
@@ -177,11 +177,6 @@ def _resume(
         )
         state.data_stream, state.data_start_samples = stream, state.consumed_samples
     return state, str(path)
-
-
-def _run_changes(meta: dict, record: dict) -> List[str]:
-    saved = meta.get("run", {})
-    return [f"{key} {saved.get(key)} -> {value}" for key, value in record.items() if saved.get(key) != value]
 
 
 def run_record(cfg: MimoConfig, data: DataConfig, layout: dict) -> dict:
