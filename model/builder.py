@@ -147,11 +147,6 @@ def build_model(
             f"seq_length={seq_length} exceeds model.max_position_embeddings={model_cfg.max_position_embeddings};"
             " shorten the sequences or raise model.max_position_embeddings"
         )
-    if parallel_cfg.cp > 1:
-        raise ModelConfigError(
-            f"parallel.cp={parallel_cfg.cp}: MiMo attention (sinks, sliding windows) has no context-parallel"
-            " implementation yet; set parallel.cp=1"
-        )
     use_te = resolve_use_te(use_te)
     if precision.fp8 and not use_te:
         raise ModelConfigError(

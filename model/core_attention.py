@@ -13,6 +13,9 @@ It mirrors the contract of Transformer Engine's core attention as wrapped by meg
 
 Sliding-window layers never materialise a sequence x sequence matrix: queries are cut into blocks of ``window``
 rows, and each block only meets the ``2 * window`` keys it can see, so time and memory are O(s * window).
+
+Under context parallelism a rank holds two chunks of each sequence's queries; it all-gathers keys and values and
+each chunk attends to the keys before it (on sliding-window layers at most ``window`` of them), which is exact.
 """
 
 import math
@@ -29,7 +32,9 @@ from megatron.core.transformer.utils import (
     ensure_metadata_has_dp_cp_group,
     make_sharded_tensors_for_checkpoint,
 )
-from megatron.core.utils import divide, get_pg_size
+from megatron.core.utils import divide, get_pg_rank, get_pg_size
+
+from mimo.parallel.context_parallel import gather_in_sequence_order, load_balanced_chunks
 
 SINK_SOFTMAX_TYPE = "learnable"
 """megatron/TE's name for a softmax whose denominator gains exp(sink_h): the MiMo attention sink."""
@@ -43,11 +48,14 @@ def sliding_window_attention(
     window: int,
     scale: float,
     sink: Optional[torch.Tensor] = None,
+    past: int = 0,
 ) -> torch.Tensor:
     """Causal attention where query i sees keys i - window .. i, in O(seq * window) time and memory.
 
-    Shapes: query [b, h, s, dk], key [b, g, s, dk], value [b, g, s, dv] with h a multiple of g (query head
-    j uses KV head j // (h / g)); sink [h] or None; returns [b, h, s, dv].
+    Shapes: query [b, h, s, dk], key [b, g, past + s, dk], value [b, g, past + s, dv] with h a multiple of g
+    (query head j uses KV head j // (h / g)); sink [h] or None; returns [b, h, s, dv]. The first ``past`` keys
+    precede the first query (context parallelism hands a rank's chunk of queries the keys before it); at most
+    ``window`` of them can be seen, so callers pass no more.
 
     Queries are processed in blocks of ``window`` rows; block n (rows n*B .. n*B + B - 1) needs keys
     n*B - window .. n*B + B - 1, i.e. one ``unfold`` window of B + window keys over the left-padded keys.
@@ -56,16 +64,22 @@ def sliding_window_attention(
     """
     batch, heads, seq, head_dim = query.shape
     groups, value_dim = key.shape[1], value.shape[-1]
-    # A window reaching past the sequence start is plain causal attention; clamping keeps the blocks small.
-    window = min(window, seq - 1)
+    if key.shape[2] != past + seq or not 0 <= past <= window:
+        raise ValueError(
+            f"sliding_window_attention got {key.shape[2]} keys for {seq} queries with past={past} and"
+            f" window={window}; pass past + seq keys with 0 <= past <= window"
+        )
+    # A window reaching past the first key is plain causal attention; clamping keeps the blocks small.
+    window = min(window, past + seq - 1)
     block = max(window, 1)
     num_blocks = math.ceil(seq / block)
     padded = num_blocks * block
     span = block + window
 
     queries = F.pad(query, (0, 0, 0, padded - seq)).view(batch, groups, heads // groups, num_blocks, block, head_dim)
-    keys = F.pad(key, (0, 0, window, padded - seq)).unfold(2, span, block)  # [b, g, nb, dk, span]
-    values = F.pad(value, (0, 0, window, padded - seq)).unfold(2, span, block)  # [b, g, nb, dv, span]
+    key_padding = (0, 0, window - past, padded - seq)
+    keys = F.pad(key, key_padding).unfold(2, span, block)  # [b, g, nb, dk, span]
+    values = F.pad(value, key_padding).unfold(2, span, block)  # [b, g, nb, dv, span]
 
     scores = torch.matmul(queries, keys.unsqueeze(2)) * scale  # [b, g, h/g, nb, block, span]
     query_pos = torch.arange(padded, device=query.device).view(num_blocks, block, 1)
@@ -74,7 +88,7 @@ def sliding_window_attention(
         - window
         + torch.arange(span, device=query.device).view(1, 1, span)
     )
-    visible = (key_pos <= query_pos) & (key_pos >= query_pos - window) & (key_pos >= 0)
+    visible = (key_pos <= query_pos) & (key_pos >= query_pos - window) & (key_pos >= -past)
     scores = scores.masked_fill(~visible, float("-inf"))
     if sink is not None:
         sink_logits = sink.to(scores.dtype).view(1, groups, heads // groups, 1, 1, 1)
@@ -94,16 +108,24 @@ def causal_attention(
     *,
     scale: float,
     sink: Optional[torch.Tensor] = None,
+    past: int = 0,
 ) -> torch.Tensor:
-    """Full causal attention, shapes as in ``sliding_window_attention``.
+    """Full causal attention, shapes as in ``sliding_window_attention`` (``past`` keys precede the queries).
 
     Without a sink this is torch's fused SDPA. A sink needs the extra logit column SDPA cannot take, so it runs
-    as a window spanning the whole sequence (global attention is O(s^2) either way; the released model has no
-    sinks on global layers).
+    as a window spanning all keys (global attention is O(s^2) either way; the released model has no sinks on
+    global layers).
     """
-    if sink is None:
+    seq = query.shape[2]
+    if sink is not None:
+        return sliding_window_attention(
+            query, key, value, window=past + seq - 1, scale=scale, sink=sink, past=past
+        )
+    if past == 0:
         return F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scale, enable_gqa=True)
-    return sliding_window_attention(query, key, value, window=query.shape[2] - 1, scale=scale, sink=sink)
+    # SDPA's is_causal aligns the first query with the first key; here query i sits at key position past + i.
+    visible = torch.arange(past + seq, device=query.device) <= past + torch.arange(seq, device=query.device)[:, None]
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=visible, scale=scale, enable_gqa=True)
 
 
 class LocalCoreAttention(MegatronModule):
@@ -111,7 +133,7 @@ class LocalCoreAttention(MegatronModule):
 
     The constructor takes TEDotProductAttention's arguments so one attention spec works with either backend;
     ``attention_type``, ``k_channels``, ``v_channels`` and ``cp_comm_type`` need no action here (shapes come with
-    the tensors, and context parallelism is refused when the model is built).
+    the tensors; context parallelism always all-gathers keys and values, see ``forward``).
     """
 
     def __init__(
@@ -139,8 +161,9 @@ class LocalCoreAttention(MegatronModule):
         if config.softmax_type not in ("vanilla", SINK_SOFTMAX_TYPE):
             raise ValueError(f"softmax_type={config.softmax_type!r}: mimo uses 'vanilla' or '{SINK_SOFTMAX_TYPE}'")
         if pg_collection is None:
-            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp"])
+            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp", "cp"])
         self.tp_group = pg_collection.tp
+        self.cp_group = getattr(pg_collection, "cp", None)
         self.layer_number = layer_number
         self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(config.kv_channels)
         self.window = None if config.window_size is None else config.window_size[0]
@@ -169,14 +192,47 @@ class LocalCoreAttention(MegatronModule):
                 " attention_mask, attention_bias or packed_seq_params; pass None"
             )
         seq, batch = query.shape[:2]
-        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, dim]
-        if self.window is None:
-            out = causal_attention(q, k, v, scale=self.softmax_scale, sink=self.softmax_offset)
+        cp = 1 if self.cp_group is None else get_pg_size(self.cp_group)
+        if cp > 1:
+            out = self._context_parallel(query, key, value, cp)
         else:
-            out = sliding_window_attention(
-                q, k, v, window=self.window, scale=self.softmax_scale, sink=self.softmax_offset
-            )
+            q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, dim]
+            out = self._attend(q, k, v, past=0)
         return out.permute(2, 0, 1, 3).reshape(seq, batch, -1)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int) -> torch.Tensor:
+        if self.window is None:
+            return causal_attention(q, k, v, scale=self.softmax_scale, sink=self.softmax_offset, past=past)
+        return sliding_window_attention(
+            q, k, v, window=self.window, scale=self.softmax_scale, sink=self.softmax_offset, past=past
+        )
+
+    def _context_parallel(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cp: int) -> torch.Tensor:
+        """This rank's queries hold two of the sequence's 2 * cp chunks (``load_balanced_chunks``): gather every
+        rank's keys and values into sequence order and let each local chunk meet the keys before and in it (at
+        most ``window`` before it on sliding-window layers). The gather's backward sums the key/value gradients
+        of all ranks' queries, so the result and its gradients equal the unsplit attention's.
+
+        Memory: keys and values of the whole sequence for this rank's KV heads, as Transformer Engine's
+        all-gather mode; queries, scores and outputs stay local.
+        """
+        keys, values = (gather_in_sequence_order(t, self.cp_group) for t in (key, value))
+        q = query.permute(1, 2, 0, 3)  # [b, heads, s_local, dim]
+        k, v = (t.permute(1, 2, 0, 3) for t in (keys, values))  # [b, groups, s, dim]
+        chunk = query.shape[0] // 2
+        outputs = []
+        for local, chunk_id in enumerate(load_balanced_chunks(get_pg_rank(self.cp_group), cp)):
+            start = chunk_id * chunk
+            first_key = 0 if self.window is None else max(0, start - self.window)
+            outputs.append(
+                self._attend(
+                    q[:, :, local * chunk : (local + 1) * chunk],
+                    k[:, :, first_key : start + chunk],
+                    v[:, :, first_key : start + chunk],
+                    past=start - first_key,
+                )
+            )
+        return torch.cat(outputs, dim=2)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
         """The sink holds this rank's heads: shard it along dim 0 over tensor parallelism (as TE's wrapper does)."""

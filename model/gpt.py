@@ -10,7 +10,14 @@ the same tensor from GPTModel).
 from typing import List, Optional, Tuple, Union
 
 import torch
+from megatron.core import parallel_state
 from megatron.core.models.gpt.gpt_model import GPTModel
+from megatron.core.transformer.multi_token_prediction import (
+    MTPLossAutoScaler,
+    MTPLossLoggingHelper,
+    roll_tensor,
+)
+from megatron.core.utils import get_pg_size
 
 
 class MimoGPTModel(GPTModel):
@@ -29,33 +36,86 @@ class MimoGPTModel(GPTModel):
         return (preprocessed[0], positions, *preprocessed[2:])
 
     def _postprocess(self, hidden_states, input_ids, position_ids, labels, *args, **kwargs):
-        """With labels: megatron's path (main loss; MTP losses attached to the graph, scaled by the live config).
+        """The last stage with MTP blocks runs them here; other stages take megatron's path.
 
         Without labels megatron would still run the MTP blocks and then fail on the missing labels; the MTP
         blocks only exist to be trained, so logits come from the main model alone, unless the caller asked for the
         MTP blocks' logits as well (``forward(..., return_mtp_logits=True)``, for evaluating the draft heads).
+        With labels, the MTP losses are attached as megatron does, normalised by ``_mtp_token_count``.
         """
-        if labels is None and self.mtp_process and self.post_process:
-            gather = kwargs.get("runtime_gather_output")
-            if not self._return_mtp_logits:
-                return self._logits(hidden_states, gather)
-            stacked = self.mtp(
-                input_ids=input_ids,
-                position_ids=position_ids,
-                hidden_states=hidden_states,
-                attention_mask=kwargs.get("attention_mask"),
-                inference_params=kwargs.get("inference_params"),
-                rotary_pos_emb=kwargs.get("rotary_pos_emb"),
-                rotary_pos_cos=kwargs.get("rotary_pos_cos"),
-                rotary_pos_sin=kwargs.get("rotary_pos_sin"),
-                packed_seq_params=kwargs.get("packed_seq_params"),
-                sequence_len_offset=kwargs.get("sequence_len_offset"),
-                embedding=self.embedding,
-                **(kwargs.get("extra_block_kwargs") or {}),
-            )
-            main, *mtp = (self._logits(part, gather) for part in torch.chunk(stacked, 1 + self.config.mtp_num_layers, 0))
-            return main, mtp
-        return super()._postprocess(hidden_states, input_ids, position_ids, labels, *args, **kwargs)
+        if not (self.mtp_process and self.post_process):
+            return super()._postprocess(hidden_states, input_ids, position_ids, labels, *args, **kwargs)
+        gather = kwargs.get("runtime_gather_output")
+        if labels is None and not self._return_mtp_logits:
+            return self._logits(hidden_states, gather)
+        stacked = self.mtp(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            hidden_states=hidden_states,
+            attention_mask=kwargs.get("attention_mask"),
+            inference_params=kwargs.get("inference_params"),
+            rotary_pos_emb=kwargs.get("rotary_pos_emb"),
+            rotary_pos_cos=kwargs.get("rotary_pos_cos"),
+            rotary_pos_sin=kwargs.get("rotary_pos_sin"),
+            packed_seq_params=kwargs.get("packed_seq_params"),
+            sequence_len_offset=kwargs.get("sequence_len_offset"),
+            embedding=self.embedding,
+            **(kwargs.get("extra_block_kwargs") or {}),
+        )
+        main, *depths = torch.chunk(stacked, 1 + self.config.mtp_num_layers, 0)
+        if labels is None:
+            return self._logits(main, gather), [self._logits(part, gather) for part in depths]
+        main = self._attach_mtp_losses(main, depths, labels, kwargs.get("loss_mask"), gather)
+        logits, _ = self.output_layer(main, weight=self._output_weight(), runtime_gather_output=gather)
+        return self.compute_language_model_loss(labels, logits)
+
+    def _attach_mtp_losses(
+        self,
+        hidden_states: torch.Tensor,
+        depths: List[torch.Tensor],
+        labels: torch.Tensor,
+        loss_mask: Optional[torch.Tensor],
+        gather: Optional[bool],
+    ) -> torch.Tensor:
+        """Depth k predicts token i + 1 + k: labels and mask roll left once per depth (across context-parallel
+        chunks); each depth's token mean, weighted by mtp_loss_scaling_factor / depths, joins the backward through
+        ``hidden_states`` and is tracked for logging."""
+        weight = self.config.mtp_loss_scaling_factor / self.config.mtp_num_layers
+        mask = torch.ones_like(labels) if loss_mask is None else loss_mask
+        for depth, depth_hidden in enumerate(depths):
+            logits, _ = self.output_layer(depth_hidden, weight=self._output_weight(), runtime_gather_output=gather)
+            labels, _ = roll_tensor(labels, shifts=-1, dims=-1, cp_group=self.cp_group)
+            mask, _ = roll_tensor(mask, shifts=-1, dims=-1, cp_group=self.cp_group)
+            loss_sum = (mask * self.compute_language_model_loss(labels, logits)).sum()
+            mean = loss_sum / self._mtp_token_count(mask)
+            if self.training:
+                MTPLossLoggingHelper.save_loss_to_tracker(
+                    mean,
+                    depth,
+                    self.config.mtp_num_layers,
+                    avg_group=parallel_state.get_data_parallel_group(with_context_parallel=True),
+                )
+            hidden_states = MTPLossAutoScaler.apply(hidden_states, weight * mean)
+        return hidden_states
+
+    def _mtp_token_count(self, mask: torch.Tensor) -> torch.Tensor:
+        """The divisor of this rank's MTP loss sum: its share of the sequence's MTP tokens.
+
+        megatron divides by the rank's own count, but rolling drops the sequence's last token from one
+        context-parallel rank only, so ranks would weigh their tokens differently and the loss would depend on
+        cp. Dividing by (tokens over the context-parallel group) / cp gives every token the weight it has on one
+        rank, and the data-parallel average over dp x cp then yields the whole micro-batch's token mean.
+        """
+        count = mask.sum().detach().float()
+        cp = get_pg_size(self.cp_group)
+        if cp > 1:
+            count = count.clone()
+            torch.distributed.all_reduce(count, group=self.cp_group)
+            count = count / cp
+        return count.clamp(min=1)
+
+    def _output_weight(self) -> Optional[torch.Tensor]:
+        return self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
 
     def _logits(self, hidden_states: torch.Tensor, runtime_gather_output: Optional[bool]) -> torch.Tensor:
         logits, _ = self.output_layer(hidden_states, runtime_gather_output=runtime_gather_output)

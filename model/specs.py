@@ -58,10 +58,23 @@ def backend_modules(use_te: bool) -> BackendModules:
     return BackendModules(provider=LocalSpecProvider(), norm=RMSNorm, core_attention=LocalCoreAttention)
 
 
+SINK_CP_COMM_TYPE = "a2a"
+"""Transformer Engine's context parallelism for layers with a sink: its only mode taking a learnable softmax
+offset. It trades sequence shards for head shards, so KV heads per tensor-parallel rank must divide by cp."""
+GLOBAL_CP_COMM_TYPE = "p2p"
+"""Transformer Engine's ring exchange of key/value chunks for global causal layers (no constraint on heads)."""
+
+
 def attention_spec(cfg: ModelConfig, kind: AttentionType, backend: BackendModules) -> ModuleSpec:
+    """The local backend ignores ``cp_comm_type`` (it all-gathers keys and values under any layout)."""
+    geometry = AttentionGeometry.for_layer(cfg, kind)
     return ModuleSpec(
         module=MimoAttention,
-        params={"attn_mask_type": AttnMaskType.causal, "geometry": AttentionGeometry.for_layer(cfg, kind)},
+        params={
+            "attn_mask_type": AttnMaskType.causal,
+            "geometry": geometry,
+            "cp_comm_type": SINK_CP_COMM_TYPE if geometry.sink else GLOBAL_CP_COMM_TYPE,
+        },
         submodules=MimoAttentionSubmodules(
             linear_qkv=backend.provider.column_parallel_linear(),
             core_attention=backend.core_attention,

@@ -50,11 +50,11 @@ def validate_layout(
 ) -> ResolvedLayout:
     """Resolve the implied degrees of a layout, or raise LayoutError naming what to change."""
     _check_degrees(parallel, world_size)
-    _check_context_parallel(parallel, seq_length)
     dp = _data_parallel_size(parallel, world_size)
     expert_dp = _check_experts(parallel, model, world_size)
     _check_tensor_parallel(parallel, model)
     sequence_parallel = _resolve_sequence_parallel(parallel, model)
+    _check_sequence_split(parallel, sequence_parallel, seq_length)
     stage_layers = _split_layers(parallel, model)
     num_microbatches = _num_microbatches(parallel, dp, global_batch_size, micro_batch_size)
     return ResolvedLayout(
@@ -88,12 +88,21 @@ def _check_degrees(parallel: ParallelConfig, world_size: int) -> None:
         raise LayoutError(f"parallel.vpp={parallel.vpp} must be at least 1, or null for no interleaving")
 
 
-def _check_context_parallel(parallel: ParallelConfig, seq_length: int) -> None:
-    if parallel.cp > 1:
+def _check_sequence_split(parallel: ParallelConfig, sequence_parallel: bool, seq_length: int) -> None:
+    """Each context-parallel rank holds two equal chunks of every sequence (megatron's load-balanced split), and
+    sequence parallelism splits a rank's tokens evenly over its tensor-parallel ranks."""
+    if parallel.cp > 1 and seq_length % (2 * parallel.cp):
         raise LayoutError(
-            f"parallel.cp={parallel.cp}: context parallelism is not supported yet (it is planned); set"
-            f" parallel.cp=1. Once it lands, seq_length ({seq_length}) will have to be divisible by"
-            f" 2 * cp = {2 * parallel.cp} (each rank holds two load-balanced chunks)."
+            f"train.seq_length={seq_length} is not divisible by 2 * parallel.cp = {2 * parallel.cp}: each"
+            " context-parallel rank holds two equal chunks of every sequence; pick a seq_length that is a multiple"
+            f" of {2 * parallel.cp} or another parallel.cp"
+        )
+    local_tokens = seq_length // parallel.cp
+    if sequence_parallel and local_tokens % parallel.tp:
+        raise LayoutError(
+            f"sequence parallelism splits the {local_tokens} tokens of a sequence on each context-parallel rank"
+            f" (train.seq_length={seq_length} / parallel.cp={parallel.cp}) over parallel.tp={parallel.tp} ranks;"
+            f" pick a seq_length that is a multiple of {parallel.tp * parallel.cp * (2 if parallel.cp > 1 else 1)}"
         )
 
 

@@ -40,6 +40,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.utils import get_batch_on_this_cp_rank
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
@@ -47,6 +48,7 @@ from mimo.data import DataError, build_tokenizer, check_vocab
 from mimo.data.tokenizer import encode_documents
 from mimo.model.builder import build_model
 from mimo.model.config import ModelConfigError
+from mimo.parallel.context_parallel import gather_in_sequence_order
 from mimo.parallel.layout import LayoutError
 from mimo.parallel.runtime import Runtime, shutdown
 from mimo.recipes import ConfigError, MimoConfig, load_config
@@ -177,11 +179,16 @@ def _masked_ce(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -
 
 
 def _forward_step(with_mtp: bool, data_iterator, model):
+    """A context-parallel rank runs its chunks of each sequence and gathers all ranks' logits back in order,
+    since MTP acceptance compares positions that lie in different chunks."""
     batch = next(data_iterator)
-    output = model(batch["tokens"], batch["position_ids"], None, runtime_gather_output=True, return_mtp_logits=with_mtp)
+    local = get_batch_on_this_cp_rank(dict(batch))
+    output = model(local["tokens"], local["position_ids"], None, runtime_gather_output=True, return_mtp_logits=with_mtp)
 
     def reduce(output_tensor):
         main, mtp = output_tensor if with_mtp else (output_tensor, [])
+        cp_group = parallel_state.get_context_parallel_group()
+        main, *mtp = (gather_in_sequence_order(logits, cp_group, dim=1) for logits in (main, *mtp))
         sums = statistics(batch, main, mtp)
         return sums[0].clone().float(), sums[1].clone().int(), {"sums": sums}
 
@@ -275,8 +282,8 @@ def _sums(chunks, sequences: Sequences, cfg: MimoConfig, runtime: Runtime) -> to
             )
         for output in outputs:  # only the last pipeline stage has any
             totals += output["sums"].cpu()
-    if parallel_state.get_tensor_model_parallel_rank() != 0:
-        totals.zero_()  # the tensor-parallel ranks of the last stage all hold the same gathered logits
+    if parallel_state.get_tensor_model_parallel_rank() != 0 or parallel_state.get_context_parallel_rank() != 0:
+        totals.zero_()  # the tensor- and context-parallel ranks of the last stage all hold the same gathered logits
     totals = totals.to(runtime.device)
     dist.all_reduce(totals)
     return totals.cpu()

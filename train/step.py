@@ -22,6 +22,7 @@ from megatron.core.transformer.moe.moe_utils import (
     get_moe_layer_wise_logging_tracker,
 )
 from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
+from megatron.core.utils import get_batch_on_this_cp_rank
 
 Batch = Dict[str, torch.Tensor]
 MODEL_INPUTS = ("tokens", "labels", "loss_mask", "position_ids")
@@ -49,10 +50,12 @@ def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor) -> Tuple[to
 def forward_step(
     device: torch.device, on_micro_batch: Callable[[], None], data_iterator: Iterator[Batch], model: torch.nn.Module
 ):
-    """Every pipeline stage reads the same micro-batch so all iterators advance in lockstep."""
+    """Every pipeline stage reads the same micro-batch so all iterators advance in lockstep; a context-parallel
+    rank keeps its two load-balanced chunks of each sequence (positions included, so RoPE sees true ones)."""
     batch = next(data_iterator)
     on_micro_batch()
-    tokens, labels, loss_mask, position_ids = (batch[key].to(device, non_blocking=True) for key in MODEL_INPUTS)
+    local = get_batch_on_this_cp_rank({key: batch[key].to(device, non_blocking=True) for key in MODEL_INPUTS})
+    tokens, labels, loss_mask, position_ids = (local[key] for key in MODEL_INPUTS)
     output = model(
         input_ids=tokens,
         position_ids=position_ids,
