@@ -129,7 +129,8 @@ def causal_attention(
 
 
 class LocalCoreAttention(MegatronModule):
-    """Core attention of one MiMo layer on the local backend (CPU, or GPU without Transformer Engine).
+    """Core attention of one MiMo layer on the local backend (CPU, or GPU without Transformer Engine), and of the
+    layers with a sink under context parallelism on either backend (see ``mimo.model.specs``).
 
     The constructor takes TEDotProductAttention's arguments so one attention spec works with either backend;
     ``attention_type``, ``k_channels``, ``v_channels`` and ``cp_comm_type`` need no action here (shapes come with

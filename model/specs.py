@@ -58,26 +58,33 @@ def backend_modules(use_te: bool) -> BackendModules:
     return BackendModules(provider=LocalSpecProvider(), norm=RMSNorm, core_attention=LocalCoreAttention)
 
 
-SINK_CP_COMM_TYPE = "a2a"
-"""Transformer Engine's context parallelism for layers with a sink: its only mode taking a learnable softmax
-offset. It trades sequence shards for head shards, so KV heads per tensor-parallel rank must divide by cp."""
-GLOBAL_CP_COMM_TYPE = "p2p"
-"""Transformer Engine's ring exchange of key/value chunks for global causal layers (no constraint on heads)."""
+CP_COMM_TYPE = "p2p"
+"""Transformer Engine's context parallelism for layers without a sink: a ring passing key/value chunks."""
 
 
-def attention_spec(cfg: ModelConfig, kind: AttentionType, backend: BackendModules) -> ModuleSpec:
-    """The local backend ignores ``cp_comm_type`` (it all-gathers keys and values under any layout)."""
+def core_attention_module(backend: BackendModules, geometry: AttentionGeometry, context_parallel: bool) -> type:
+    """Under context parallelism, layers with a sink run mimo's core attention on either backend.
+
+    Transformer Engine takes a sink under context parallelism only in its all-to-all mode, which splits heads
+    over the context-parallel ranks: tp * cp would have to divide the 8 KV heads, which rules out the long-context
+    layouts (tp 4, cp 8). mimo's core attention all-gathers keys and values and is exact for sinks and windows
+    under any cp, and the sink layers are the 128-token-window layers, whose O(s * window) attention is a small
+    share of the step next to the global layers (which keep Transformer Engine's ring).
+    """
+    if context_parallel and geometry.sink:
+        return LocalCoreAttention
+    return backend.core_attention
+
+
+def attention_spec(cfg: ModelConfig, kind: AttentionType, backend: BackendModules, context_parallel: bool) -> ModuleSpec:
+    """``cp_comm_type`` matters only to Transformer Engine's core attention; mimo's ignores it."""
     geometry = AttentionGeometry.for_layer(cfg, kind)
     return ModuleSpec(
         module=MimoAttention,
-        params={
-            "attn_mask_type": AttnMaskType.causal,
-            "geometry": geometry,
-            "cp_comm_type": SINK_CP_COMM_TYPE if geometry.sink else GLOBAL_CP_COMM_TYPE,
-        },
+        params={"attn_mask_type": AttnMaskType.causal, "geometry": geometry, "cp_comm_type": CP_COMM_TYPE},
         submodules=MimoAttentionSubmodules(
             linear_qkv=backend.provider.column_parallel_linear(),
-            core_attention=backend.core_attention,
+            core_attention=core_attention_module(backend, geometry, context_parallel),
             linear_proj=backend.provider.row_parallel_linear(),
         ),
     )
@@ -105,14 +112,16 @@ def moe_spec(cfg: ModelConfig, backend: BackendModules, use_te: bool) -> ModuleS
     )
 
 
-def transformer_layer_spec(cfg: ModelConfig, kind: AttentionType, moe: bool, use_te: bool) -> ModuleSpec:
+def transformer_layer_spec(
+    cfg: ModelConfig, kind: AttentionType, moe: bool, use_te: bool, context_parallel: bool = False
+) -> ModuleSpec:
     """One pre-norm layer: norm, attention of ``kind``, residual, norm, dense or MoE FFN, residual."""
     backend = backend_modules(use_te)
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
             input_layernorm=backend.norm,
-            self_attention=attention_spec(cfg, kind, backend),
+            self_attention=attention_spec(cfg, kind, backend, context_parallel),
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=backend.norm,
             mlp=moe_spec(cfg, backend, use_te) if moe else dense_mlp_spec(backend),
@@ -121,10 +130,11 @@ def transformer_layer_spec(cfg: ModelConfig, kind: AttentionType, moe: bool, use
     )
 
 
-def decoder_layer_specs(cfg: ModelConfig, use_te: bool) -> List[ModuleSpec]:
+def decoder_layer_specs(cfg: ModelConfig, use_te: bool, context_parallel: bool = False) -> List[ModuleSpec]:
     """Specs of all decoder layers, in order."""
     return [
-        transformer_layer_spec(cfg, kind, cfg.is_moe(layer), use_te) for layer, kind in enumerate(cfg.layer_types())
+        transformer_layer_spec(cfg, kind, cfg.is_moe(layer), use_te, context_parallel)
+        for layer, kind in enumerate(cfg.layer_types())
     ]
 
 
@@ -135,12 +145,12 @@ def decoder_block_spec(
     offset = get_transformer_layer_offset(config, vp_stage=vp_stage)
     count = get_num_layers_to_build(config, vp_stage=vp_stage)
     return TransformerBlockSubmodules(
-        layer_specs=decoder_layer_specs(cfg, use_te)[offset : offset + count],
+        layer_specs=decoder_layer_specs(cfg, use_te, config.context_parallel_size > 1)[offset : offset + count],
         layer_norm=backend_modules(use_te).norm,
     )
 
 
-def mtp_layer_spec(cfg: ModelConfig, use_te: bool) -> ModuleSpec:
+def mtp_layer_spec(cfg: ModelConfig, use_te: bool, context_parallel: bool = False) -> ModuleSpec:
     """One MTP block: enorm/hnorm, eh_proj over [embedding; hidden], a dense-FFN SWA layer, final norm.
 
     megatron's default MTP spec reuses the decoder's last layer (MoE here); MiMo's MTP layer is sliding-window
@@ -153,7 +163,9 @@ def mtp_layer_spec(cfg: ModelConfig, use_te: bool) -> ModuleSpec:
             enorm=backend.norm,
             hnorm=backend.norm,
             eh_proj=backend.provider.column_parallel_linear(),
-            transformer_layer=transformer_layer_spec(cfg, AttentionType.SLIDING, moe=False, use_te=use_te),
+            transformer_layer=transformer_layer_spec(
+                cfg, AttentionType.SLIDING, moe=False, use_te=use_te, context_parallel=context_parallel
+            ),
             layer_norm=backend.norm,
         ),
     )
@@ -169,5 +181,5 @@ def mtp_block_spec(
     if count == 0:
         return None
     offset = get_mtp_layer_offset(config, vp_stage=vp_stage)
-    specs = [mtp_layer_spec(cfg, use_te)] * cfg.mtp_num_layers
+    specs = [mtp_layer_spec(cfg, use_te, config.context_parallel_size > 1)] * cfg.mtp_num_layers
     return MultiTokenPredictionBlockSubmodules(layer_specs=specs[offset : offset + count])

@@ -8,23 +8,19 @@ inside megatron-core at the first MoE layer or the first checkpoint.
 
 from typing import List
 
-from mimo.model.config import AttentionType, ModelConfig
+from mimo.model.config import ModelConfig
 from mimo.parallel.layout import LayoutError, ResolvedLayout
 
 GLOO = "gloo"
 FLEX_DISPATCHER = "flex"
 
 
-def check_backend_support(
-    layout: ResolvedLayout, model: ModelConfig, *, backend: str, fused_adam: bool, te_attention: bool = False
-) -> None:
-    """Raise LayoutError for a layout that ``backend``, the optimizer or the attention kernels cannot run.
+def check_backend_support(layout: ResolvedLayout, model: ModelConfig, *, backend: str, fused_adam: bool) -> None:
+    """Raise LayoutError for a layout that ``backend`` or the optimizer cannot run.
 
     ``fused_adam`` says whether Transformer Engine's or Apex's Adam is installed (megatron-core then never uses
-    torch's Adam); ``te_attention`` whether attention runs on Transformer Engine's kernels (a GPU with TE).
+    torch's Adam).
     """
-    if te_attention:
-        check_te_context_parallel(layout, model)
     if backend == GLOO and layout.ep > 1 and layout.etp > 1:
         raise LayoutError(
             f"parallel.etp={layout.etp} with parallel.ep={layout.ep}: the experts' tensor-parallel ranks gather"
@@ -45,26 +41,6 @@ def check_backend_support(
                     " megatron-core 0.16.1 cannot checkpoint the empty expert optimizer such a stage has. Give"
                     f" every stage a MoE layer: at least {model.num_dense_layers + 1} layers on the first stage"
                     " (parallel.pipeline_first_stage_layers), or fewer pipeline stages"
-                )
-
-
-def check_te_context_parallel(layout: ResolvedLayout, model: ModelConfig) -> None:
-    """Transformer Engine takes an attention sink under context parallelism only in its all-to-all mode, which
-    hands each context-parallel rank whole heads: the query and KV heads of a tensor-parallel rank must divide
-    by cp on every layer type with a sink (mimo's local attention has no such rule)."""
-    if layout.cp == 1:
-        return
-    for kind in AttentionType:
-        if not model.has_sink(kind):
-            continue
-        heads = {"query": model.num_attention_heads, "KV": model.num_kv_heads(kind)}
-        for name, count in heads.items():
-            if (count // layout.tp) % layout.cp:
-                raise LayoutError(
-                    f"parallel.cp={layout.cp} with parallel.tp={layout.tp}: {kind.value} layers have sinks, which"
-                    f" Transformer Engine's context parallelism splits by heads, and their {count // layout.tp}"
-                    f" {name} heads per tensor-parallel rank ({count} / tp) do not divide by cp. Choose tp * cp"
-                    f" dividing {model.num_kv_heads(kind)} (e.g. parallel.tp=1 parallel.cp=8 or tp=2 cp=4)"
                 )
 
 

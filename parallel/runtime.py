@@ -92,12 +92,9 @@ def initialize(
         enable_cpu_compat()
         device = torch.device("cpu")
     apply_megatron_fixes()
-    from megatron.core.extensions.transformer_engine import HAVE_TE
     from megatron.core.optimizer.distrib_optimizer import HAVE_APEX_OR_TE
 
-    check_backend_support(
-        layout, model, backend=backend, fused_adam=HAVE_APEX_OR_TE, te_attention=has_cuda and HAVE_TE
-    )
+    check_backend_support(layout, model, backend=backend, fused_adam=HAVE_APEX_OR_TE)
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()

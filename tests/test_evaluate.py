@@ -130,8 +130,15 @@ def test_out_of_vocabulary_ids_are_refused(run_dir, tmp_path, capsys):
     assert captured.out == "" and "0..4095" in captured.err
 
 
-def test_two_data_parallel_expert_parallel_ranks_give_the_same_result(run_dir, text_file, single_rank):
-    """dp=2 (each rank evaluates half the sequences) with ep=2 (experts split, tokens exchanged)."""
+@pytest.mark.parametrize(
+    "layout",
+    [
+        "parallel.ep=2",  # dp=2 (each rank evaluates half the sequences), experts split and tokens exchanged
+        "parallel.cp=2",  # each rank runs half of every sequence; MTP acceptance compares across the halves
+    ],
+    ids=["dp2-ep2", "cp2"],
+)
+def test_two_ranks_give_the_same_result(run_dir, text_file, single_rank, layout):
     command = [
         sys.executable,
         "-m",
@@ -144,7 +151,7 @@ def test_two_data_parallel_expert_parallel_ranks_give_the_same_result(run_dir, t
         str(run_dir),
         str(text_file),
         *EVAL,
-        "parallel.ep=2",
+        layout,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     job = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)

@@ -54,6 +54,11 @@ def test_interleaved_pipeline_and_mtp_on_last_stage():
     assert (layout.stage_layers, layout.vpp, layout.num_microbatches) == ((4, 4), 2, 16)
 
 
+def test_context_parallel_ranks_come_out_of_data_parallelism():
+    layout = _resolve(8, dict(tp=2, cp=2, ep=2))
+    assert (layout.dp, layout.expert_dp, layout.num_microbatches) == (2, 4, 8)
+
+
 def test_dense_model_may_turn_sequence_parallel_off():
     layout = _resolve(2, dict(tp=2, sequence_parallel=False), model=dict(num_experts=0))
     assert layout.sequence_parallel is False
@@ -138,12 +143,20 @@ INVALID = [
         id="interleaved-microbatches",
     ),
     pytest.param(
-        2,
-        dict(cp=2),
+        3,
+        dict(cp=3),
         {},
         {},
-        ["parallel.cp=2", "not supported yet", "parallel.cp=1", "2 * cp = 4"],
-        id="context-parallel",
+        ["train.seq_length=32", "2 * parallel.cp = 6", "two equal chunks"],
+        id="context-parallel-chunks",
+    ),
+    pytest.param(
+        8,
+        dict(cp=2, tp=4),
+        dict(num_attention_heads=8, num_key_value_heads=4, swa_num_key_value_heads=8),
+        dict(seq_length=36),
+        ["18 tokens", "parallel.tp=4", "multiple of 16"],
+        id="sequence-parallel-split-under-cp",
     ),
     pytest.param(1, dict(tp=0), {}, {}, ["parallel.tp=0"], id="zero-degree"),
 ]

@@ -2,7 +2,10 @@
 
 The same seed and global batch (8 sequences, micro-batches of 2) run for 2 steps on one rank and under TP2 with
 sequence parallelism, PP2 (1F1B), PP2 x VPP2 (interleaved), EP2 with the alltoall and with the allgather token
-dispatcher, DP2 with the distributed optimizer, and on 4 ranks TP2 x EP2, PP2 x DP2, EP2 x DP2 and TP2 x PP2.
+dispatcher, DP2 with the distributed optimizer, CP2, and on 4 ranks TP2 x EP2, PP2 x DP2, EP2 x DP2, TP2 x PP2,
+CP2 x TP2 x EP2 and CP4. The tiny model's sequences are 128 tokens and its window 16, so under CP2 each rank's
+second chunk needs keys of the other rank's chunk, and under CP4 (chunks of 16) every window reaches across a
+chunk boundary; the MTP loss rolls labels across chunks.
 For each, the logged loss, LM, MTP and aux losses and the gradient norm of both steps, the initial weights (step 1
 trains at learning rate 0: warm-up starts there, so its checkpoint holds them), and every tensor of the step-2
 checkpoint (weights after a real update, expert biases, Adam moments) are compared with the single rank. Training
@@ -40,12 +43,15 @@ TWO_RANKS = {
     "ep2-alltoall": ["parallel.ep=2", "model.moe_token_dispatcher=alltoall"],
     "ep2-allgather": ["parallel.ep=2", "model.moe_token_dispatcher=allgather"],
     "dp2-distributed-optimizer": ["parallel.distributed_optimizer=true"],
+    "cp2": ["parallel.cp=2"],
 }
 FOUR_RANKS = {
     "tp2-ep2": ["parallel.tp=2", "parallel.ep=2"],
     "pp2-dp2": ["parallel.pp=2"],
     "ep2-dp2": ["parallel.ep=2"],
     "tp2-pp2": ["parallel.tp=2", "parallel.pp=2"],
+    "cp2-tp2-ep2": ["parallel.cp=2", "parallel.tp=2", "parallel.ep=2"],
+    "cp4": ["parallel.cp=4"],
 }
 
 

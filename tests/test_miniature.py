@@ -3,9 +3,10 @@
 Shrunk for CI by dividing every token amount of the miniature schedule by SCALE (warm-up, constant and cosine
 segments, batch ramp, stage ends), which keeps the schedule's shape and every stage's closed form: stage 1 takes
 17 steps (3 of them in the batch ramp), stage 2 two, stage 3 one. Stages 1 and 2 train in this process (one
-rank); stage 3 runs under torchrun with 2 processes and expert parallelism 2, so the transition changes the
-sequence length (64 -> 512), the batch (16 -> 2 sequences), the RoPE base, the data mixture and the layout, and
-the trainer reshards the checkpoint.
+rank); stage 3 runs under torchrun with 2 processes, context parallelism 2 (each rank holds half of every
+512-token sequence, as the real stage 3 splits 256K tokens over 8 ranks) and expert parallelism 2, so the
+transition changes the sequence length (64 -> 512), the batch (16 -> 2 sequences), the RoPE base, the data
+mixture and the layout, and the trainer reshards the checkpoint.
 
 The values every step used (logged in metrics.jsonl), the first step of each stage included, are checked against
 the schedule worked out by hand from recipes/schedule/miniature.yaml, not against mimo's Schedule class.
@@ -141,15 +142,17 @@ def test_three_stages_in_order_on_one_run_directory(tmp_path, data_cache, mimo_l
     end2_step, end2_tokens = records[-1]["step"], records[-1]["tokens"]
     assert END2 <= end2_tokens < END2 + BATCH12 * SEQ12
 
-    # Stage 3: 2 processes with expert parallelism 2, 8x the context, 1/8 the batch; resumes and reshards
+    # Stage 3: 2 processes with context and expert parallelism 2, 8x the context, 1/8 the batch; resumes and
+    # reshards
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "-m", "mimo.train", "--config-name", "miniature", *common, "miniature_stage=stage3", "parallel.ep=2"]
+               "-m", "mimo.train", "--config-name", "miniature", *common, "miniature_stage=stage3", "parallel.cp=2",
+               "parallel.ep=2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     job = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     output = job.stdout + job.stderr
     assert job.returncode == 0, output
     assert f"resumed from {checkpoint / f'step_{end2_step:07d}'} (step {end2_step}," in output, output
-    assert "layout changed: world_size: 1 -> 2, ep: 1 -> 2, dp: 1 -> 2, micro_batch_size: 4 -> 1" in output
+    assert "layout changed: world_size: 1 -> 2, ep: 1 -> 2, cp: 1 -> 2, micro_batch_size: 4 -> 1" in output
     assert (
         "stage 'midtrain' -> 'long_context': train.seq_length 64 -> 512; train.global_batch_size 16 -> 2;"
         " model.rope_theta 640000.0 -> 5000000.0; data.long_docs" in output

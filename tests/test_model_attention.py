@@ -54,6 +54,27 @@ def test_causal_attention_equals_dense_masked_reference(with_sink):
     assert torch.allclose(actual, dense_reference(query, key, value, window=None, scale=0.3, sink=sink), atol=1e-10)
 
 
+@pytest.mark.parametrize("past, seq, window", [(4, 8, 4), (3, 8, 4), (0, 8, 4), (16, 16, 16), (5, 3, 8), (7, 9, 30)])
+@pytest.mark.parametrize("with_sink", [False, True])
+def test_queries_after_past_keys_equal_the_tail_of_the_whole_sequence(past, seq, window, with_sink):
+    """A context-parallel chunk: its queries see ``past`` earlier keys; the rows must equal the whole sequence's."""
+    query, key, value, sink = random_qkv(past + seq)
+    sink = sink if with_sink else None
+    tail = query[:, :, past:]
+    expected = dense_reference(query, key, value, window=window, scale=0.3, sink=sink)[:, :, past:]
+    if past <= window:
+        actual = sliding_window_attention(tail, key, value, window=window, scale=0.3, sink=sink, past=past)
+        assert torch.allclose(actual, expected, atol=1e-10, rtol=0)
+    causal = dense_reference(query, key, value, window=None, scale=0.3, sink=sink)[:, :, past:]
+    assert torch.allclose(causal_attention(tail, key, value, scale=0.3, sink=sink, past=past), causal, atol=1e-10)
+
+
+def test_more_past_keys_than_the_window_are_refused():
+    query, key, value, _ = random_qkv(10)
+    with pytest.raises(ValueError, match="0 <= past <= window"):
+        sliding_window_attention(query[:, :, 5:], key, value, window=4, scale=0.3, past=5)
+
+
 def test_sink_takes_probability_mass_and_gets_gradients():
     query, key, value, sink = random_qkv(20, dtype=torch.float32)
     sink.requires_grad_(True)

@@ -183,12 +183,12 @@ def test_cli_refuses_a_layout_that_does_not_fit(capsys):
     assert "full (uniform, 1 layer(s)) activation recomputation  ->" in out
 
 
-def test_cli_json_and_context_parallel_projection(capsys):
-    assert main(["-c", "mimo_v2_flash_stage3", "cluster=h100_256", "--world-size", "256", "--json"]) == 1
+def test_cli_json_for_the_context_parallel_stage(capsys):
+    assert main(["-c", "mimo_v2_flash_stage3", "cluster=h100_256", "--world-size", "256", "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
-    assert "context parallelism is not supported yet" in plan["refused"]
-    assert plan["layout"]["cp"] == 8 and plan["layout"]["dp"] == 1 and plan["runs"] is False
+    assert plan["layout"]["cp"] == 8 and plan["layout"]["dp"] == 1 and plan["runs"] is True
     assert plan["memory"]["peak_bytes"] == max(stage["total"] for stage in plan["memory"]["stages"])
+    assert "CP attention exchange" in [traffic["kind"] for traffic in plan["traffic"]]
 
 
 def test_cli_accepts_the_tiny_default(capsys):

@@ -244,12 +244,22 @@ def _two_rank_worker(rank: int, port: int, out_dir: str, overrides: tuple) -> No
         json.dump(result, out)
 
 
-def test_two_ranks_expert_parallel_distributed_optimizer(tmp_path):
-    """EP=2 with bf16 and the distributed optimizer: experts split over the ranks, dense optimizer state (with
-    fp32 masters) sharded over the two data-parallel ranks. Each rank's shard follows megatron's bucket
-    boundaries, so the ranks hold dense/dp each only up to the buffer padding; together they hold it exactly.
-    The rows each rank's experts receive depend on the routing, which the planner takes as balanced."""
-    overrides = ("parallel.ep=2", "precision.dtype=bf16", f"train.global_batch_size={2 * MICRO_BATCH}")
+TWO_RANK_LAYOUTS = {
+    "ep2": ("parallel.ep=2", f"train.global_batch_size={2 * MICRO_BATCH}"),
+    # each rank holds half of every sequence and all-gathers keys and values; dense optimizer state is sharded
+    # over dp x cp = 2 ranks and experts are replicated (expert-dp 2)
+    "cp2": ("parallel.cp=2", f"train.global_batch_size={MICRO_BATCH}"),
+}
+
+
+@pytest.mark.parametrize("layout", sorted(TWO_RANK_LAYOUTS))
+def test_two_ranks_with_the_distributed_optimizer(tmp_path, layout):
+    """EP=2 or CP=2 with bf16 and the distributed optimizer: experts split over the ranks (EP), or sequences
+    split over them (CP); optimizer state (with fp32 masters) sharded over two ranks. Each rank's shard follows
+    megatron's bucket boundaries, so the ranks hold their share each only up to the buffer padding; together they
+    hold it exactly. The rows each rank's experts receive depend on the routing, which the planner takes as
+    balanced."""
+    overrides = (*TWO_RANK_LAYOUTS[layout], "precision.dtype=bf16")
     # spawn, not fork: the parent has trained already, and its OpenMP pool does not survive a fork.
     mp.spawn(_two_rank_worker, args=(free_port(), str(tmp_path), overrides), nprocs=WORLD_SIZE, join=True)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD_SIZE)]

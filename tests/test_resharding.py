@@ -3,8 +3,8 @@ on exactly as if it had never stopped.
 
 Each pair trains the tiny MiMo (MTP on, FP32) for 2 steps under one layout (``train.stop_after_steps=2``, which
 saves a checkpoint), then resumes the same run directory under another layout for step 3: TP2 x EP2 -> PP2 x DP2
-on 4 ranks, DP2 (distributed optimizer) -> one rank, EP2 -> TP2, and PP2 x VPP2 -> EP2 with the allgather
-dispatcher. Against one uninterrupted single-rank run of the 3 steps: the resumed run says it resumed and what
+on 4 ranks, DP2 (distributed optimizer) -> one rank, EP2 -> TP2, CP2 (optimizer state sharded over the two
+context-parallel ranks) -> EP2, and PP2 x VPP2 -> EP2 with the allgather dispatcher. Against one uninterrupted single-rank run of the 3 steps: the resumed run says it resumed and what
 changed; the losses and gradient norms of all 3 steps match (steps 1-2 under the first layout, step 3 under the
 second); and every tensor of the checkpoints at step 2 and step 3 (weights, expert biases, Adam moments in the
 fully reshardable format) matches. Step 3 is the first step whose loss sees a real update, and its Adam update
@@ -48,6 +48,7 @@ MOVES = [
     ),
     Move("dp2-to-one-rank", 2, ["parallel.distributed_optimizer=true"], 1, [], ["world_size: 2 -> 1", "dp: 2 -> 1"]),
     Move("ep2-to-tp2", 2, ["parallel.ep=2"], 2, ["parallel.tp=2"], ["tp: 1 -> 2", "ep: 2 -> 1", "dp: 2 -> 1"]),
+    Move("cp2-to-ep2", 2, ["parallel.cp=2"], 2, ["parallel.ep=2"], ["ep: 1 -> 2", "cp: 2 -> 1", "dp: 1 -> 2"]),
     Move(
         "pp2-vpp2-to-ep2-allgather",
         2,

@@ -18,8 +18,10 @@ Memory model (bytes per GPU on pipeline stage r, the largest stage decides):
   configured recomputation. Counted tensor by tensor for the modules mimo builds: megatron's unfused SwiGLU and
   RoPE, its router and token permutation, and the attention backend (``--backend``): Transformer Engine's flash
   attention keeps no score matrix; mimo's local attention (CPU) keeps sliding-window scores, O(seq x window),
-  and torch SDPA's math path keeps the seq x seq softmax of global layers. On CPU the estimate matches the bytes
-  the autograd graph saves (tests/test_planner_measured.py).
+  and torch SDPA's math path keeps the seq x seq softmax of global layers. Under context parallelism each rank
+  holds seq / cp tokens, and layers with a sink run mimo's attention on either backend, keeping the all-gathered
+  keys and values of the whole sequence. On CPU the estimate matches the bytes the autograd graph saves
+  (tests/test_planner_measured.py).
 * MoE dispatch: the token buffers of one layer's all-to-all (dispatch and combine), alive while it runs.
 * logits: the fp32 softmax kept by the vocab-parallel cross entropy for the LM head and each MTP head, plus the
   bf16 logits alive next to their fp32 copy while the last loss is computed (last stage only).
@@ -242,6 +244,7 @@ class _Shape:
     """Sequences in the micro-batch."""
     seq: int
     """Tokens of each sequence on this rank: seq_length / cp."""
+    cp: int
     tp: int
     sp: bool
     etp: int
@@ -290,11 +293,14 @@ def _core_attention_saved(model: ModelConfig, kind: AttentionType, shape: _Shape
     qkv = shape.tokens * (heads * dk + kv * dk + kv * dv) * b
     if _selective(recompute, "core_attn"):
         return qkv  # the checkpoint's inputs; scores and softmax statistics are recomputed
-    if shape.backend == "te":
+    sink_under_cp = shape.cp > 1 and model.has_sink(kind)  # mimo's attention on either backend (model/specs.py)
+    if shape.backend == "te" and not sink_under_cp:
         return qkv + shape.tokens * heads * FP32  # flash attention: q, k, v and the fp32 log-sum-exp
+    # Under context parallelism mimo's attention keeps the all-gathered keys and values of the whole sequence.
+    gathered = shape.tokens * shape.cp * kv * (dk + dv) * b if shape.cp > 1 else 0.0
     if model.window(kind) is None and not model.has_sink(kind):
-        return _sdpa_math_saved(model, shape, heads)
-    return _local_window_saved(model, kind, shape, heads)
+        return gathered + _sdpa_math_saved(model, shape, heads)
+    return gathered + _local_window_saved(model, kind, shape, heads)
 
 
 def _sdpa_math_saved(model: ModelConfig, shape: _Shape, heads: float) -> float:
@@ -454,9 +460,8 @@ def estimate_memory(
     recompute: Optional[Recompute] = None,
 ) -> MemoryEstimate:
     """Bytes per GPU by part for every pipeline stage of ``cfg`` on ``world_size`` ranks. The layout (projected
-    for cp > 1, see ``planned_layout``) and the recomputation come from the config unless given; raises PlanError
-    for a layout that cannot run."""
-    layout = layout or planned_layout(cfg, world_size)[0]
+    and the recomputation come from the config unless given; raises PlanError for a layout that cannot run."""
+    layout = layout or resolve_layout(cfg, world_size)
     model, recompute = cfg.model, recompute or recompute_of(cfg)
     param_bytes = BYTES[cfg.precision.dtype]
     master_copy = FP32 if param_bytes < FP32 else 0
@@ -467,6 +472,7 @@ def estimate_memory(
     shape = _Shape(
         batch=cfg.train.micro_batch_size,
         seq=cfg.train.seq_length // layout.cp,
+        cp=layout.cp,
         tp=layout.tp,
         sp=layout.sequence_parallel,
         etp=layout.etp,
@@ -525,35 +531,6 @@ def resolve_layout(cfg: MimoConfig, world_size: int) -> ResolvedLayout:
         raise PlanError(f"layout refused on {world_size} GPUs: {err}") from err
 
 
-def planned_layout(cfg: MimoConfig, world_size: int) -> Tuple[ResolvedLayout, Optional[str]]:
-    """The layout to estimate, and why the trainer refuses it when it is only a context-parallel projection."""
-    try:
-        return resolve_layout(cfg, world_size), None
-    except PlanError as err:
-        if cfg.parallel.cp == 1:
-            raise
-        return project_context_parallel(cfg, world_size), str(err)
-
-
-def project_context_parallel(cfg: MimoConfig, world_size: int) -> ResolvedLayout:
-    """The layout a cp > 1 recipe would resolve to once context parallelism is supported: the layout without cp
-    on the same ranks, whose data-parallel replicas then split into cp context shards each (expert groups are
-    unchanged: megatron counts cp as expert data parallelism). Lets the planner show what a long-context layout
-    needs while the trainer still refuses it."""
-    cp, train = cfg.parallel.cp, cfg.train
-    base = resolve_layout(replace(cfg, parallel=replace(cfg.parallel, cp=1)), world_size)
-    if base.dp % cp or train.seq_length % (2 * cp):
-        raise PlanError(
-            f"parallel.cp={cp} needs the data-parallel size {base.dp} and seq_length/2 = {train.seq_length // 2}"
-            " to be multiples of it; change parallel.cp"
-        )
-    dp = base.dp // cp
-    microbatches = train.global_batch_size // (train.micro_batch_size * dp)
-    if base.vpp is not None and microbatches % base.pp:
-        raise PlanError(f"{microbatches} micro-batches per step are not a multiple of parallel.pp={base.pp} (vpp)")
-    return replace(base, cp=cp, dp=dp, num_microbatches=microbatches)
-
-
 # ------------------------------------------------------------------------------------------- communication
 
 
@@ -568,6 +545,18 @@ class Traffic:
     between_nodes: float
     """Share of the bytes that leave the node."""
     seconds: float
+
+
+def _context_parallel_bytes(
+    model: ModelConfig, kind: AttentionType, tokens: float, layout: ResolvedLayout, act_bytes: int, forwards: int
+) -> float:
+    """Bytes one rank sends for one layer's attention under context parallelism, over a step's passes of one
+    micro-batch. Either way the keys and values of every other rank's tokens come in (Transformer Engine's ring
+    on global layers, mimo's all-gather on sink layers) in each forward, and in the backward again (ring) or
+    their gradients go back (reduce-scatter), plus the key/value gradients of the ring: counted as two passes."""
+    kv_heads = model.num_kv_heads(kind) / layout.tp
+    key_values = tokens * kv_heads * (model.head_dim + model.v_head_dim) * act_bytes * (layout.cp - 1)
+    return key_values * (forwards + 2)
 
 
 def communication(cfg: MimoConfig, layout: ResolvedLayout, gpu: GpuSpec) -> Tuple[Traffic, ...]:
@@ -601,6 +590,17 @@ def communication(cfg: MimoConfig, layout: ResolvedLayout, gpu: GpuSpec) -> Tupl
     same_node = min(layout.ep, max(1, gpu.gpus_per_node // layout.etp))
     ep_between = (layout.ep - same_node) / (layout.ep - 1) if layout.ep > 1 else 0.0
     add("EP all-to-all", layout.ep, ep_passes * moe_layers * m * dispatched, ep_between)
+
+    kinds = model.layer_types()
+    attention_kinds = [[kinds[layer] for layer in layers] for layers in per_rank]
+    attention_kinds[-1] += [AttentionType.SLIDING] * model.mtp_num_layers  # the MTP blocks' attention
+    cp_volume = max(
+        sum(_context_parallel_bytes(model, kind, full_tokens, layout, act_bytes, forwards) for kind in stage)
+        for stage in attention_kinds
+    )
+    cp_same_node = min(layout.cp, max(1, gpu.gpus_per_node // layout.tp))  # megatron puts cp right after tp
+    cp_between = (layout.cp - cp_same_node) / (layout.cp - 1) if layout.cp > 1 else 0.0
+    add("CP attention exchange", layout.cp, m * cp_volume, cp_between)
 
     tp_collectives = 2 * (forwards + 1) * (layers + dense_layers)  # all-gather + reduce-scatter per block
     add("TP all-gather/reduce-scatter", layout.tp,
@@ -663,13 +663,10 @@ class Plan:
     step_tokens: int
     stages: Tuple[StageTime, ...]
     suggestions: Tuple[Suggestion, ...] = field(default_factory=tuple)
-    refused: Optional[str] = None
-    """Why the trainer refuses the layout although the planner could estimate it (context parallelism is not
-    supported yet); the estimate then shows what the layout will need."""
 
     @property
     def runs(self) -> bool:
-        return self.refused is None and self.memory.fits
+        return self.memory.fits
 
     @property
     def step_seconds(self) -> float:
@@ -689,7 +686,7 @@ def make_plan(
     recipe: str = "config",
     overrides: Sequence[str] = (),
 ) -> Plan:
-    layout, refused = planned_layout(cfg, world_size)
+    layout = resolve_layout(cfg, world_size)
     memory = estimate_memory(cfg, world_size=world_size, gpu=gpu, settings=settings, layout=layout)
     plan = Plan(
         recipe=recipe,
@@ -706,7 +703,6 @@ def make_plan(
         tokens_per_s=tokens_per_second(cfg.model, cfg.train.seq_length, world_size, gpu, settings.mfu),
         step_tokens=cfg.train.global_batch_size * cfg.train.seq_length,
         stages=_stage_times(cfg, world_size, gpu, settings, overrides),
-        refused=refused,
     )
     if not memory.fits:
         plan = replace(plan, suggestions=suggest(cfg, world_size=world_size, gpu=gpu, settings=settings))
@@ -716,7 +712,7 @@ def make_plan(
 def _schedule(cfg: MimoConfig, world_size: int) -> Tuple[Schedule, Optional[int]]:
     """The run's schedule and batch unit (None when the layout does not resolve: then unit = micro batch)."""
     try:
-        unit: Optional[int] = cfg.train.micro_batch_size * planned_layout(cfg, world_size)[0].dp
+        unit: Optional[int] = cfg.train.micro_batch_size * resolve_layout(cfg, world_size).dp
     except PlanError:
         unit = None
     try:
@@ -945,9 +941,6 @@ def _describe_recompute(recompute: Recompute) -> str:
 def _verdict(plan: Plan) -> List[str]:
     peak, capacity = plan.memory.peak, plan.memory.capacity
     lines = []
-    if plan.refused:
-        lines += [f"REFUSED: {plan.refused}",
-                  "  (the estimate above is what this layout will need once that is supported)"]
     if plan.memory.fits:
         return lines + [f"fits: the fullest stage ({peak.stage}) needs {_gib(peak.total)} GiB,"
                         f" {_gib(capacity - peak.total)} GiB to spare on a {plan.gpu.name}"]
