@@ -60,14 +60,25 @@ def single(tmp_path_factory, data_cache) -> Run:
     return run_single(Run(tmp_path_factory.mktemp("single"), RUN), data_cache)
 
 
+EOD_MASKED = ("data.eod_mask_loss=true",)
+"""Loss masked after every end-of-document token: the two halves of a sequence under CP count different numbers
+of tokens, which megatron's reduction alone would weigh differently from one rank."""
+
+
 @pytest.fixture(scope="module")
 def layouts(tmp_path_factory, data_cache, single) -> dict:
     runs = {}
-    for nproc, group in ((2, TWO_RANKS), (4, FOUR_RANKS)):
+    for nproc, group in ((2, {**TWO_RANKS, "cp2-eod-masked": ["parallel.cp=2", *EOD_MASKED]}), (4, FOUR_RANKS)):
         named = {name: Run(tmp_path_factory.mktemp(name), [*overrides, *RUN]) for name, overrides in group.items()}
         run_group(nproc, list(named.values()), data_cache)
         runs.update(named)
     return runs
+
+
+def test_context_parallel_weighs_masked_tokens_as_one_rank(tmp_path, data_cache, layouts):
+    single_masked = run_single(Run(tmp_path, [*EOD_MASKED, *RUN]), data_cache)
+    worst = worst_metric_difference(single_masked.metrics(), layouts["cp2-eod-masked"].metrics())
+    assert max(worst.values()) <= TOLERANCE, worst
 
 
 @pytest.mark.parametrize("name", [*TWO_RANKS, *FOUR_RANKS])

@@ -5,14 +5,17 @@ import dataclasses
 import pytest
 import torch
 
+from megatron.core.models.backends import LocalSpecProvider
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.multi_token_prediction import MultiTokenPredictionBlock, MultiTokenPredictionLayer
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
+from mimo.model.attention import AttentionGeometry
 from mimo.model.builder import build_model
-from mimo.model.config import ModelConfigError, PrecisionConfig
+from mimo.model.config import AttentionType, ModelConfig, ModelConfigError, PrecisionConfig
 from mimo.model.core_attention import LocalCoreAttention
+from mimo.model.specs import BackendModules, core_attention_module
 from mimo.parallel.config import ParallelConfig
 from mimo.parallel.runtime import initialize, shutdown
 from mimo.recipes import load_config
@@ -89,3 +92,18 @@ def test_grouped_gemm_needs_transformer_engine(single_rank, tiny):
         build_model(
             dataclasses.replace(tiny, moe_grouped_gemm=True), ParallelConfig(), PrecisionConfig(), seq_length=SEQ
         )
+
+
+def test_sink_layers_under_context_parallelism_use_mimo_attention_on_either_backend():
+    """Transformer Engine cannot take a sink under tp 4 x cp 8 (its all-to-all mode splits the 8 KV heads over
+    cp), so sink layers switch to mimo's all-gather attention whenever cp > 1; global layers keep the backend's."""
+    class BackendAttention:  # stands in for TEDotProductAttention, which needs a GPU
+        pass
+
+    backend = BackendModules(provider=LocalSpecProvider(), norm=torch.nn.Identity, core_attention=BackendAttention)
+    cfg = ModelConfig()
+    sliding, full = (AttentionGeometry.for_layer(cfg, kind) for kind in (AttentionType.SLIDING, AttentionType.GLOBAL))
+    assert sliding.sink and not full.sink
+    assert core_attention_module(backend, sliding, context_parallel=True) is LocalCoreAttention
+    assert core_attention_module(backend, sliding, context_parallel=False) is BackendAttention
+    assert core_attention_module(backend, full, context_parallel=True) is BackendAttention

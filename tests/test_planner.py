@@ -154,6 +154,21 @@ def test_expert_all_to_all_volume(stage1):
     assert ep.between_nodes == pytest.approx(8 / 15)  # 8 of 15 peers on the other node
 
 
+def test_context_parallel_exchange_volume():
+    """Stage 3 on 256 GPUs (tp 4, pp 8 of 6 layers, cp 8, full recomputation): every attention layer brings in the
+    keys and values of the 7 other ranks' 32K tokens in each of its 2 forwards and twice in the backward; the last
+    stage (layers 42-47 and the SWA MTP block) sends the most."""
+    cfg = load_config(["cluster=h100_256"], config_name="mimo_v2_flash_stage3")
+    layout = resolve_layout(cfg, 256)
+    cp = {t.kind: t for t in communication(cfg, layout, GPUS["h100"])}["CP attention exchange"]
+    tokens, width = 262_144 // 8, 192 + 128
+    kv_heads = {"full_attention": 4 // TP, "sliding_attention": 8 // TP}
+    last_stage = [kind.value for kind in cfg.model.layer_types()[42:]] + ["sliding_attention"]
+    per_micro_batch = sum(tokens * kv_heads[kind] * width * B * 7 * (2 + 2) for kind in last_stage)
+    assert cp.group_size == 8 and cp.bytes == round(256 * per_micro_batch)  # 256 micro-batches per step
+    assert cp.between_nodes == pytest.approx(6 / 7)  # tp 4 x cp 8 spans 4 nodes: 2 of 8 cp ranks per node
+
+
 @pytest.mark.parametrize("recipe", ["mimo_v2_flash_stage1", "mimo_v2_flash_stage2", "mimo_v2_flash_stage3"])
 @pytest.mark.parametrize("cluster, world", [("h100_256", 256), ("h100_1024", 1024)])
 def test_stage_recipes_fit_with_full_recomputation(recipe, cluster, world):

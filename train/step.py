@@ -41,10 +41,20 @@ class StepResult:
 
 
 def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, dict]:
+    """megatron divides the returned sum by the returned count. Under context parallelism the sum is rescaled so
+    that this amounts to dividing by the sequence's token count / cp: with masked tokens (data.eod_mask_loss)
+    the ranks' counts differ, and dividing by its own would weigh one rank's tokens more than another's."""
     mask = loss_mask.reshape(-1).float()
     loss_sum = (output_tensor.float().reshape(-1) * mask).sum()
-    num_tokens = mask.sum().to(torch.int)
-    return loss_sum, num_tokens, {"lm_loss": torch.stack([loss_sum.detach(), mask.sum()])}
+    count = mask.sum()
+    num_tokens = count.to(torch.int)
+    cp = parallel_state.get_context_parallel_world_size()
+    scaled = loss_sum
+    if cp > 1:
+        sequence_count = count.detach().clone()
+        dist.all_reduce(sequence_count, group=parallel_state.get_context_parallel_group())
+        scaled = loss_sum * count.clamp(min=1) * cp / sequence_count.clamp(min=1)
+    return scaled, num_tokens, {"lm_loss": torch.stack([loss_sum.detach(), count])}
 
 
 def forward_step(
