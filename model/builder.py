@@ -106,6 +106,8 @@ def transformer_config(
         # of the same shape to that rank on one communicator, where sends and receives pair up in posting order
         # and the two tensors get swapped. The unbatched path sends the two directions on two communicators.
         batch_p2p_comm=False,
+        # megatron's default ("full") is its own deprecated spelling of "the whole layer" and warns on every build.
+        cuda_graph_scope=[],
         overlap_p2p_comm=parallel_cfg.vpp is not None,
         use_cpu_initialization=not torch.cuda.is_available(),
         mtp_num_layers=model_cfg.mtp_num_layers or None,
