@@ -164,7 +164,7 @@ class LocalCoreAttention(MegatronModule):
         if pg_collection is None:
             pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp", "cp"])
         self.tp_group = pg_collection.tp
-        self.cp_group = getattr(pg_collection, "cp", None)
+        self.cp_group = pg_collection.cp
         self.layer_number = layer_number
         self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(config.kv_channels)
         self.window = None if config.window_size is None else config.window_size[0]
@@ -193,7 +193,7 @@ class LocalCoreAttention(MegatronModule):
                 " attention_mask, attention_bias or packed_seq_params; pass None"
             )
         seq, batch = query.shape[:2]
-        cp = 1 if self.cp_group is None else get_pg_size(self.cp_group)
+        cp = get_pg_size(self.cp_group)
         if cp > 1:
             out = self._context_parallel(query, key, value, cp)
         else:

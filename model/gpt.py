@@ -19,6 +19,8 @@ from megatron.core.transformer.multi_token_prediction import (
 )
 from megatron.core.utils import get_pg_size
 
+from mimo.parallel.context_parallel import sum_over_context_parallel
+
 
 class MimoGPTModel(GPTModel):
     """GPTModel whose attention layers read token positions, and whose forward without labels gives logits.
@@ -106,13 +108,8 @@ class MimoGPTModel(GPTModel):
         cp. Dividing by (tokens over the context-parallel group) / cp gives every token the weight it has on one
         rank, and the data-parallel average over dp x cp then yields the whole micro-batch's token mean.
         """
-        count = mask.sum().detach().float()
-        cp = get_pg_size(self.cp_group)
-        if cp > 1:
-            count = count.clone()
-            torch.distributed.all_reduce(count, group=self.cp_group)
-            count = count / cp
-        return count.clamp(min=1)
+        sequence_count = sum_over_context_parallel(mask.sum().float(), self.cp_group)
+        return (sequence_count / get_pg_size(self.cp_group)).clamp(min=1)
 
     def _output_weight(self) -> Optional[torch.Tensor]:
         return self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None

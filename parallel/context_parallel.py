@@ -3,7 +3,7 @@
 megatron's load-balanced split (``megatron.core.utils.get_batch_on_this_cp_rank``, applied to every batch by the
 training step) cuts each sequence into 2 * cp equal chunks and gives rank r chunks r and 2 * cp - 1 - r, so that
 under causal attention every rank has the same work. Attention needs the keys and values of all of them, and
-evaluation the whole sequence's logits.
+evaluation the whole sequence's logits, and loss normalisation the token count of the whole sequence.
 """
 
 from typing import List, Optional, Tuple
@@ -16,6 +16,15 @@ from megatron.core.utils import get_pg_size
 def load_balanced_chunks(cp_rank: int, cp_size: int) -> Tuple[int, int]:
     """The two of the sequence's 2 * cp_size chunks that context-parallel rank ``cp_rank`` holds, in its order."""
     return cp_rank, 2 * cp_size - 1 - cp_rank
+
+
+def sum_over_context_parallel(value: torch.Tensor, cp_group: torch.distributed.ProcessGroup) -> torch.Tensor:
+    """``value`` summed over the context-parallel ranks (e.g. a token count of the whole sequence), detached:
+    normalisers carry no gradient."""
+    total = value.detach().clone()
+    if get_pg_size(cp_group) > 1:
+        torch.distributed.all_reduce(total, group=cp_group)
+    return total
 
 
 def gather_in_sequence_order(local: torch.Tensor, cp_group: torch.distributed.ProcessGroup, dim: int = 0) -> torch.Tensor:

@@ -23,35 +23,20 @@ from mimo.model.config import ModelConfig, PrecisionConfig
 from mimo.model.hf_mapping import ShardLayout, hf_config_to_mimo, hf_to_mimo, mimo_config_to_hf, mimo_to_hf
 from mimo.parallel.config import ParallelConfig
 from mimo.parallel.runtime import free_port, initialize, shutdown
-from tiny_hub import mtp_block_tensors
+import tiny_hub
+from tiny_hub import FULL, SLIDING, mtp_block_tensors
 
 SEQ = 40
 BATCH = 2
 TOLERANCE = 1e-4
-FULL, SLIDING = "full_attention", "sliding_attention"
-HF_TINY = dict(
-    vocab_size=256,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=24,
-    v_head_dim=16,
-    moe_intermediate_size=32,
-    num_experts_per_tok=2,
-    n_routed_experts=8,
-    sliding_window=9,
-    layer_types=[FULL, SLIDING, SLIDING, FULL],
-    mlp_layer_types=["dense", "sparse", "sparse", "sparse"],
-    rope_parameters={
-        FULL: {"rope_type": "default", "rope_theta": 640_000.0, "partial_rotary_factor": 0.334},
-        SLIDING: {"rope_type": "default", "rope_theta": 10_000.0, "partial_rotary_factor": 0.334},
-    },
-    initializer_range=0.1,
-    attention_value_scale=0.707,
-    max_position_embeddings=512,
-)
+HF_TINY = {
+    **tiny_hub.HF_TINY,  # tiny_hub's model with its own vocabulary, a fourth (global, MoE) layer and 8 experts
+    "vocab_size": 256,
+    "num_hidden_layers": 4,
+    "n_routed_experts": 8,
+    "layer_types": [FULL, SLIDING, SLIDING, FULL],
+    "mlp_layer_types": ["dense", "sparse", "sparse", "sparse"],
+}
 
 
 @pytest.fixture(scope="module")

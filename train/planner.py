@@ -459,8 +459,8 @@ def estimate_memory(
     layout: Optional[ResolvedLayout] = None,
     recompute: Optional[Recompute] = None,
 ) -> MemoryEstimate:
-    """Bytes per GPU by part for every pipeline stage of ``cfg`` on ``world_size`` ranks. The layout (projected
-    and the recomputation come from the config unless given; raises PlanError for a layout that cannot run."""
+    """Bytes per GPU by part for every pipeline stage of ``cfg`` on ``world_size`` ranks. The layout and the
+    recomputation come from the config unless given; raises PlanError for a layout that cannot run."""
     layout = layout or resolve_layout(cfg, world_size)
     model, recompute = cfg.model, recompute or recompute_of(cfg)
     param_bytes = BYTES[cfg.precision.dtype]

@@ -24,6 +24,8 @@ from megatron.core.transformer.moe.moe_utils import (
 from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
 from megatron.core.utils import get_batch_on_this_cp_rank
 
+from mimo.parallel.context_parallel import sum_over_context_parallel
+
 Batch = Dict[str, torch.Tensor]
 MODEL_INPUTS = ("tokens", "labels", "loss_mask", "position_ids")
 
@@ -51,8 +53,7 @@ def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor) -> Tuple[to
     cp = parallel_state.get_context_parallel_world_size()
     scaled = loss_sum
     if cp > 1:
-        sequence_count = count.detach().clone()
-        dist.all_reduce(sequence_count, group=parallel_state.get_context_parallel_group())
+        sequence_count = sum_over_context_parallel(count, parallel_state.get_context_parallel_group())
         scaled = loss_sum * count.clamp(min=1) * cp / sequence_count.clamp(min=1)
     return scaled, num_tokens, {"lm_loss": torch.stack([loss_sum.detach(), count])}
 
