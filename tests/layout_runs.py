@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import tempfile
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,9 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from mimo.parallel.runtime import LOOPBACK, free_port
 from mimo.train.compare_layouts import relative_differences
+
+PORT_POLL_SECONDS = 0.1
+"""How often ranks other than 0 look for the rendezvous port of the next run."""
 
 COMMON = (
     "train.global_batch_size=8",
@@ -95,15 +99,10 @@ def run_single(run: Run, data_cache: Path) -> Run:
 
 def run_group(nproc: int, runs: Sequence[Run], data_cache: Path) -> Sequence[Run]:
     """Run ``runs`` in order on ``nproc`` spawned ranks; a failing run stops the group with its log."""
-    ports: List[int] = []
-    while len(ports) < len(runs):
-        port = free_port()
-        if port not in ports:
-            ports.append(port)
     with tempfile.TemporaryDirectory() as log_dir:
         argvs = [run.argv(data_cache) for run in runs]
         try:
-            mp.spawn(_rank_main, args=(nproc, ports, argvs, log_dir), nprocs=nproc, join=True)
+            mp.spawn(_rank_main, args=(nproc, argvs, log_dir), nprocs=nproc, join=True)
         finally:
             for index, run in enumerate(runs):
                 result = Path(log_dir) / f"{index}.json"
@@ -112,11 +111,25 @@ def run_group(nproc: int, runs: Sequence[Run], data_cache: Path) -> Sequence[Run
     return runs
 
 
-def _rank_main(rank: int, nproc: int, ports: List[int], argvs: List[List[str]], log_dir: str) -> None:
+def _rendezvous_port(rank: int, index: int, log_dir: str) -> int:
+    """Rank 0 picks a free port just before run ``index`` and hands it to the others through a file. Ports picked
+    ahead for the whole group could meanwhile be taken as ephemeral ports by earlier runs' gloo connections."""
+    path = Path(log_dir) / f"{index}.port"
+    if rank == 0:
+        partial = path.with_suffix(".partial")
+        partial.write_text(str(free_port()))
+        partial.rename(path)  # atomic: the others never read a half-written file
+    while not path.exists():
+        time.sleep(PORT_POLL_SECONDS)
+    return int(path.read_text())
+
+
+def _rank_main(rank: int, nproc: int, argvs: List[List[str]], log_dir: str) -> None:
     torch.set_num_threads(1)
     from mimo.train.cli import main
 
-    for index, (port, argv) in enumerate(zip(ports, argvs)):
+    for index, argv in enumerate(argvs):
+        port = _rendezvous_port(rank, index, log_dir)
         os.environ.update(
             RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc), MASTER_ADDR=LOOPBACK, MASTER_PORT=str(port)
         )
