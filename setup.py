@@ -34,7 +34,7 @@ setup(
         "gpu": ["transformer-engine[pytorch]>=2.8"],
         "deepspeed": ["deepspeed>=0.16"],
         # deepspeed: its FLOPs profiler is the independent reference for the planner's FLOPs per token.
-        "test": ["pytest>=8", "transformers>=5.23", "pandas", "pyarrow", "deepspeed>=0.16"],
+        "test": ["pytest>=8", "ruff>=0.6", "transformers>=5.23", "pandas", "pyarrow", "deepspeed>=0.16"],
     },
     entry_points={
         "console_scripts": [

@@ -17,6 +17,7 @@ from megatron.core.datasets.blended_megatron_dataset_config import (
     convert_split_vector_to_split_matrix,
     parse_and_normalize_split,
 )
+
 from mimo.data.config import DataConfig, LongDocConfig
 from mimo.data.distributed import rank_zero_first
 from mimo.data.errors import DataError

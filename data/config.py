@@ -1,7 +1,6 @@
 """Where training samples come from."""
 
 from dataclasses import dataclass, field
-from typing import List, Optional
 
 
 @dataclass
@@ -20,21 +19,21 @@ class DataStageConfig:
 
     name: str = ""
     """The stage name the schedule refers to (e.g. "pretrain", "long_context")."""
-    blend: List[str] = field(default_factory=list)
+    blend: list[str] = field(default_factory=list)
     """Same format as DataConfig.blend; empty: the top-level blend."""
-    long_docs: Optional[LongDocConfig] = None
+    long_docs: LongDocConfig | None = None
     """None: the top-level long_docs setting."""
 
 
 @dataclass
 class DataConfig:
-    tokenizer: Optional[str] = None
+    tokenizer: str | None = None
     """A Hugging Face tokenizer directory; None means the tokenizer shipped with mimo."""
-    blend: List[str] = field(default_factory=list)
+    blend: list[str] = field(default_factory=list)
     """Alternating weight and indexed-dataset prefix ("0.7 /data/web 0.3 /data/code"); empty: the shipped corpus."""
     split: str = "98,2,0"
     """Train/validation/test split of each dataset, in parts."""
-    cache_dir: Optional[str] = None
+    cache_dir: str | None = None
     """Where built index caches go; None means <run.dir>/data_cache."""
     valid_samples: int = 256
     """Validation samples built (over all data-parallel ranks); the validation iterator cycles over them."""
@@ -45,7 +44,7 @@ class DataConfig:
     eod_mask_loss: bool = False
     """Do not train on predicting the token after an end-of-document token."""
     long_docs: LongDocConfig = field(default_factory=LongDocConfig)
-    stages: List[DataStageConfig] = field(default_factory=list)
+    stages: list[DataStageConfig] = field(default_factory=list)
     """Per-stage mixtures; select one with mimo.data.stage_config(cfg, name)."""
     num_workers: int = 0
     """DataLoader worker processes per rank; 0 reads samples in the training process."""
@@ -68,9 +67,9 @@ class TokenizerTrainingConfig:
 class PreprocessConfig:
     """Options of ``mimo-preprocess`` (mimo.data.preprocess)."""
 
-    inputs: List[str] = field(default_factory=list)
+    inputs: list[str] = field(default_factory=list)
     """Files or directories: JSON Lines (.jsonl/.json, optionally .gz), Parquet, Arrow, plain text."""
-    tokenizer: Optional[str] = None
+    tokenizer: str | None = None
     """A local Hugging Face tokenizer directory; None: the tokenizer shipped with mimo."""
     output: str = ""
     """Output prefix: writes <output>.bin/.idx (or a blend of shards) and <output>.stats.json."""

@@ -4,6 +4,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch.distributed as dist
+
 from mimo.data.errors import DataError
 
 

@@ -18,6 +18,7 @@ from megatron.core.datasets.indexed_dataset import (
     get_bin_path,
     get_idx_path,
 )
+
 from mimo.data.errors import DataError
 
 TMP_SUFFIX = ".tmp"

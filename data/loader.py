@@ -18,12 +18,13 @@ import torch
 from megatron.core.datasets.blended_dataset import BlendedDataset
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+from torch.utils.data import DataLoader, Dataset, Sampler
+
 from mimo.data.blend import Blend, dataset_token_counts, long_document_blend, resolve_blend
 from mimo.data.config import DataConfig
 from mimo.data.distributed import process_group_for_build
 from mimo.data.errors import DataError
 from mimo.data.tokenizer import MimoTokenizer, build_tokenizer
-from torch.utils.data import DataLoader, Dataset, Sampler
 
 logger = logging.getLogger(__name__)
 

@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy
+from tqdm import tqdm
+
 from mimo.data.config import PreprocessConfig
 from mimo.data.errors import DataError
 from mimo.data.indexed import TMP_SUFFIX, document_lengths, is_complete, merge_indexed, token_dtype
@@ -28,7 +30,6 @@ from mimo.data.shards import SKIP_REASONS, ShardStats, ShardTask, init_worker, l
 from mimo.data.sources import Source, discover, read_records
 from mimo.data.tokenizer import MimoTokenizer
 from mimo.data.train_tokenizer import SHIPPED_TOKENIZER_DIR
-from tqdm import tqdm
 
 MANIFEST = "manifest.json"
 SOURCE_DONE = ".done.json"

@@ -40,11 +40,11 @@ def _reflow(lines: list[str]) -> str:
             current.append(line)
             continue
         if current:
-            is_prose = all(l.startswith(_BODY_INDENT) and not l[len(_BODY_INDENT)].isspace() for l in current)
+            is_prose = all(line.startswith(_BODY_INDENT) and not line[len(_BODY_INDENT)].isspace() for line in current)
             if is_prose:
-                paragraphs.append(" ".join(l.strip() for l in current))
+                paragraphs.append(" ".join(line.strip() for line in current))
             else:
-                paragraphs.append("\n".join(l.removeprefix(_BODY_INDENT) for l in current))
+                paragraphs.append("\n".join(line.removeprefix(_BODY_INDENT) for line in current))
             current = []
     return _CROSS_REF.sub(r"\1", "\n\n".join(paragraphs)).strip()
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from datasets import load_dataset
+
 from mimo.data.errors import DataError
 
 KINDS = ("jsonl", "parquet", "arrow", "text")

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import numpy
 from megatron.core.tokenizers import MegatronTokenizerBase
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
 from mimo.data.config import DataConfig
 from mimo.data.errors import DataError
 from mimo.data.train_tokenizer import SHIPPED_TOKENIZER_DIR
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 TOKENIZER_FILE = "tokenizer.json"
 

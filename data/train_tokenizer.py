@@ -10,10 +10,11 @@ import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from mimo.data.config import TokenizerTrainingConfig
-from mimo.data.shipped_corpus import ASSETS, shipped_corpus_path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
+
+from mimo.data.config import TokenizerTrainingConfig
+from mimo.data.shipped_corpus import ASSETS, shipped_corpus_path
 
 SHIPPED_TOKENIZER_DIR = ASSETS / "tokenizer"
 # Spelled out: in transformers 5 PreTrainedTokenizerFast is an alias whose __name__ is the v5-only backend.

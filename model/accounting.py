@@ -14,7 +14,6 @@ a global layer's query at position p sees p + 1 keys, a sliding-window one min(w
 """
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
 
 from mimo.model.config import AttentionType, ModelConfig
 
@@ -142,7 +141,7 @@ def parameter_counts(cfg: ModelConfig) -> ParameterCounts:
     )
 
 
-def mean_visible_keys(seq_length: int, window: Optional[int]) -> float:
+def mean_visible_keys(seq_length: int, window: int | None) -> float:
     """Keys a query sees, averaged over the positions of a sequence: causal, or capped at window + 1."""
     if window is None or seq_length <= window + 1:
         return (seq_length + 1) / 2
@@ -150,7 +149,7 @@ def mean_visible_keys(seq_length: int, window: Optional[int]) -> float:
     return (span * (span + 1) / 2 + (seq_length - span) * span) / seq_length
 
 
-def _attention_flops(cfg: ModelConfig, kind: AttentionType, seq_length: int) -> Tuple[float, float]:
+def _attention_flops(cfg: ModelConfig, kind: AttentionType, seq_length: int) -> tuple[float, float]:
     """(projection, score) forward FLOPs per token of one attention layer."""
     projections = attention_parameters(cfg, kind) - (cfg.num_attention_heads if cfg.has_sink(kind) else 0)
     scores = cfg.num_attention_heads * (cfg.head_dim + cfg.v_head_dim) * mean_visible_keys(seq_length, cfg.window(kind))

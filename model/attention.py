@@ -16,7 +16,6 @@ sharded layout is independent of the TP degree, and checkpoints reshard across T
 import copy
 import math
 from dataclasses import dataclass
-from typing import Optional, Union
 
 import torch
 from megatron.core import tensor_parallel
@@ -43,7 +42,7 @@ class AttentionGeometry:
     v_head_dim: int
     rotary_dim: int
     rope_theta: float
-    window: Optional[int]
+    window: int | None
     """Previous tokens a query sees besides itself; None = unbounded causal."""
     sink: bool
     value_scale: float
@@ -74,9 +73,9 @@ class AttentionGeometry:
 
 @dataclass
 class MimoAttentionSubmodules:
-    linear_qkv: Union[ModuleSpec, type]
-    core_attention: Union[ModuleSpec, type]
-    linear_proj: Union[ModuleSpec, type]
+    linear_qkv: ModuleSpec | type
+    core_attention: ModuleSpec | type
+    linear_proj: ModuleSpec | type
 
 
 class MimoAttention(MegatronModule):
@@ -94,8 +93,8 @@ class MimoAttention(MegatronModule):
         layer_number: int,
         geometry: AttentionGeometry,
         attn_mask_type: AttnMaskType = AttnMaskType.causal,
-        cp_comm_type: Optional[str] = None,
-        pg_collection: Optional[ProcessGroupCollection] = None,
+        cp_comm_type: str | None = None,
+        pg_collection: ProcessGroupCollection | None = None,
     ) -> None:
         super().__init__(config=config)
         if pg_collection is None:
@@ -176,17 +175,17 @@ class MimoAttention(MegatronModule):
     def forward(
         self,
         hidden_states: torch.Tensor,
-        attention_mask: Optional[torch.Tensor] = None,
-        inference_context: Optional[object] = None,
-        rotary_pos_emb: Optional[torch.Tensor] = None,
-        rotary_pos_cos: Optional[torch.Tensor] = None,
-        rotary_pos_sin: Optional[torch.Tensor] = None,
-        rotary_pos_cos_sin: Optional[torch.Tensor] = None,
-        attention_bias: Optional[torch.Tensor] = None,
-        packed_seq_params: Optional[PackedSeqParams] = None,
-        sequence_len_offset: Optional[torch.Tensor] = None,
+        attention_mask: torch.Tensor | None = None,
+        inference_context: object | None = None,
+        rotary_pos_emb: torch.Tensor | None = None,
+        rotary_pos_cos: torch.Tensor | None = None,
+        rotary_pos_sin: torch.Tensor | None = None,
+        rotary_pos_cos_sin: torch.Tensor | None = None,
+        attention_bias: torch.Tensor | None = None,
+        packed_seq_params: PackedSeqParams | None = None,
+        sequence_len_offset: torch.Tensor | None = None,
         *,
-        inference_params: Optional[object] = None,
+        inference_params: object | None = None,
     ):
         unsupported = {
             "attention_mask": attention_mask,
@@ -224,7 +223,7 @@ class MimoAttention(MegatronModule):
     def _core_attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         return self.core_attention(query, key, value, None, attn_mask_type=self.attn_mask_type)
 
-    def _rope_freqs(self, positions: Optional[torch.Tensor], seq: int, device: torch.device) -> torch.Tensor:
+    def _rope_freqs(self, positions: torch.Tensor | None, seq: int, device: torch.device) -> torch.Tensor:
         """RoPE angles [s, b or 1, 1, rotary_dim] in FP32, halves repeated (NeoX rotate-half layout)."""
         if positions is None:
             positions = torch.arange(seq, device=device).unsqueeze(1)

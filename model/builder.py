@@ -9,7 +9,6 @@ aux-loss coefficient, ``finalize_model_grads`` for the bias update. (MultiTokenP
 """
 
 import math
-from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -121,7 +120,7 @@ def transformer_config(
     )
 
 
-def resolve_use_te(use_te: Optional[bool]) -> bool:
+def resolve_use_te(use_te: bool | None) -> bool:
     """None picks Transformer Engine exactly when it is importable and a GPU is present."""
     if use_te is None:
         return HAVE_TE and torch.cuda.is_available()
@@ -134,9 +133,9 @@ def build_model(
     precision: PrecisionConfig,
     *,
     seq_length: int,
-    use_te: Optional[bool] = None,
-    seed: Optional[int] = None,
-) -> List[GPTModel]:
+    use_te: bool | None = None,
+    seed: int | None = None,
+) -> list[GPTModel]:
     """This rank's model chunks, one per virtual pipeline stage (a list of one without interleaving).
 
     megatron's parallel state must already be initialised with the layout of ``parallel_cfg``
@@ -179,7 +178,7 @@ def build_model(
     return chunks
 
 
-def _mark_expert_parameters(chunks: List[GPTModel]) -> None:
+def _mark_expert_parameters(chunks: list[GPTModel]) -> None:
     """Put every routed-expert weight in megatron's expert gradient buffers and expert optimizer, whatever ep.
 
     megatron-core 0.16.1 marks expert weights (``allreduce=False``) only when ep > 1, and otherwise reduces their

@@ -6,7 +6,6 @@ bad recipe fails before any process group or weight exists, with a message namin
 
 from dataclasses import dataclass
 from enum import Enum
-from typing import List, Optional
 
 
 class ModelConfigError(ValueError):
@@ -50,8 +49,9 @@ class ModelConfig:
     swa_rope_theta: float = 10_000.0
     """RoPE base of SWA layers."""
     sliding_window: int = 8
-    """Previous tokens an SWA query sees besides itself (128 at full scale; transformers' sliding_window is this + 1)."""
-    hybrid_layer_pattern: Optional[List[int]] = None
+    """Previous tokens an SWA query sees besides itself (128 at full scale; transformers' sliding_window is
+    this + 1)."""
+    hybrid_layer_pattern: list[int] | None = None
     """Per layer 0 = GA, 1 = SWA. None: GA at layer 0 and wherever (i + 1) % 6 == 0, as the released model."""
     add_swa_attention_sink_bias: bool = True
     add_full_attention_sink_bias: bool = False
@@ -76,13 +76,13 @@ class ModelConfig:
     init_method_std: float = 0.006
     max_position_embeddings: int = 262_144
     untie_embeddings_and_output_weights: bool = True
-    recompute_granularity: Optional[str] = None
+    recompute_granularity: str | None = None
     """Activation recomputation (megatron's meaning): None | full | selective. Trades compute for memory only."""
-    recompute_method: Optional[str] = None
+    recompute_method: str | None = None
     """With full recomputation: uniform | block."""
-    recompute_num_layers: Optional[int] = None
+    recompute_num_layers: int | None = None
     """With full recomputation: layers per recomputed group (uniform) or recomputed layers per stage (block)."""
-    recompute_modules: Optional[List[str]] = None
+    recompute_modules: list[str] | None = None
     """With selective recomputation: megatron's module names (core_attn, mlp, moe, layernorm, ...)."""
 
     def validate(self) -> "ModelConfig":
@@ -183,13 +183,13 @@ class ModelConfig:
     def num_moe_layers(self) -> int:
         return self.num_layers - self.num_dense_layers
 
-    def layer_pattern(self) -> List[int]:
+    def layer_pattern(self) -> list[int]:
         """The hybrid pattern per layer (0 = GA, 1 = SWA), with the released model's rule when none is given."""
         if self.hybrid_layer_pattern is not None:
             return list(self.hybrid_layer_pattern)
         return [0 if i == 0 or (i + 1) % GA_PATTERN_PERIOD == 0 else 1 for i in range(self.num_layers)]
 
-    def layer_types(self) -> List[AttentionType]:
+    def layer_types(self) -> list[AttentionType]:
         """Attention type of every decoder layer (MTP blocks are always sliding-window)."""
         return [AttentionType.SLIDING if value else AttentionType.GLOBAL for value in self.layer_pattern()]
 
@@ -208,7 +208,7 @@ class ModelConfig:
     def has_sink(self, kind: AttentionType) -> bool:
         return self.add_swa_attention_sink_bias if kind is AttentionType.SLIDING else self.add_full_attention_sink_bias
 
-    def window(self, kind: AttentionType) -> Optional[int]:
+    def window(self, kind: AttentionType) -> int | None:
         """Previous tokens a query sees besides itself; None for unbounded (causal) attention."""
         return self.sliding_window if kind is AttentionType.SLIDING else None
 
@@ -217,7 +217,7 @@ class ModelConfig:
 class PrecisionConfig:
     dtype: str = "fp32"
     """Parameter/compute dtype: fp32 | bf16."""
-    fp8: Optional[str] = None
+    fp8: str | None = None
     """None | blockwise (Hopper) | mxfp8 (Blackwell); needs Transformer Engine."""
 
     def validate(self) -> "PrecisionConfig":

@@ -19,7 +19,6 @@ each chunk attends to the keys before it (on sliding-window layers at most ``win
 """
 
 import math
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -47,7 +46,7 @@ def sliding_window_attention(
     *,
     window: int,
     scale: float,
-    sink: Optional[torch.Tensor] = None,
+    sink: torch.Tensor | None = None,
     past: int = 0,
 ) -> torch.Tensor:
     """Causal attention where query i sees keys i - window .. i, in O(seq * window) time and memory.
@@ -107,7 +106,7 @@ def causal_attention(
     value: torch.Tensor,
     *,
     scale: float,
-    sink: Optional[torch.Tensor] = None,
+    sink: torch.Tensor | None = None,
     past: int = 0,
 ) -> torch.Tensor:
     """Full causal attention, shapes as in ``sliding_window_attention`` (``past`` keys precede the queries).
@@ -118,9 +117,7 @@ def causal_attention(
     """
     seq = query.shape[2]
     if sink is not None:
-        return sliding_window_attention(
-            query, key, value, window=past + seq - 1, scale=scale, sink=sink, past=past
-        )
+        return sliding_window_attention(query, key, value, window=past + seq - 1, scale=scale, sink=sink, past=past)
     if past == 0:
         return F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scale, enable_gqa=True)
     # SDPA's is_causal aligns the first query with the first key; here query i sits at key position past + i.
@@ -143,12 +140,12 @@ class LocalCoreAttention(MegatronModule):
         layer_number: int,
         attn_mask_type: AttnMaskType,
         attention_type: str,
-        attention_dropout: Optional[float] = None,
-        softmax_scale: Optional[float] = None,
-        k_channels: Optional[int] = None,
-        v_channels: Optional[int] = None,
-        cp_comm_type: Optional[str] = None,
-        pg_collection: Optional[ProcessGroupCollection] = None,
+        attention_dropout: float | None = None,
+        softmax_scale: float | None = None,
+        k_channels: int | None = None,
+        v_channels: int | None = None,
+        cp_comm_type: str | None = None,
+        pg_collection: ProcessGroupCollection | None = None,
     ) -> None:
         super().__init__(config=config)
         dropout = config.attention_dropout if attention_dropout is None else attention_dropout
@@ -182,10 +179,10 @@ class LocalCoreAttention(MegatronModule):
         query: torch.Tensor,
         key: torch.Tensor,
         value: torch.Tensor,
-        attention_mask: Optional[torch.Tensor],
-        attn_mask_type: Optional[AttnMaskType] = None,
-        attention_bias: Optional[torch.Tensor] = None,
-        packed_seq_params: Optional[PackedSeqParams] = None,
+        attention_mask: torch.Tensor | None,
+        attn_mask_type: AttnMaskType | None = None,
+        attention_bias: torch.Tensor | None = None,
+        packed_seq_params: PackedSeqParams | None = None,
     ) -> torch.Tensor:
         if attention_mask is not None or attention_bias is not None or packed_seq_params is not None:
             raise ValueError(
@@ -235,7 +232,7 @@ class LocalCoreAttention(MegatronModule):
             )
         return torch.cat(outputs, dim=2)
 
-    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
         """The sink holds this rank's heads: shard it along dim 0 over tensor parallelism (as TE's wrapper does)."""
         metadata = ensure_metadata_has_dp_cp_group(metadata)
         return make_sharded_tensors_for_checkpoint(

@@ -7,8 +7,6 @@ boundaries of packed sequences, so the model is built with ``position_embedding_
 the same tensor from GPTModel).
 """
 
-from typing import List, Optional, Tuple, Union
-
 import torch
 from megatron.core import parallel_state
 from megatron.core.models.gpt.gpt_model import GPTModel
@@ -74,10 +72,10 @@ class MimoGPTModel(GPTModel):
     def _attach_mtp_losses(
         self,
         hidden_states: torch.Tensor,
-        depths: List[torch.Tensor],
+        depths: list[torch.Tensor],
         labels: torch.Tensor,
-        loss_mask: Optional[torch.Tensor],
-        gather: Optional[bool],
+        loss_mask: torch.Tensor | None,
+        gather: bool | None,
     ) -> torch.Tensor:
         """Depth k predicts token i + 1 + k: labels and mask roll left once per depth (across context-parallel
         chunks); each depth's token mean, weighted by mtp_loss_scaling_factor / depths, joins the backward through
@@ -111,21 +109,21 @@ class MimoGPTModel(GPTModel):
         sequence_count = sum_over_context_parallel(mask.sum().float(), self.cp_group)
         return (sequence_count / get_pg_size(self.cp_group)).clamp(min=1)
 
-    def _output_weight(self) -> Optional[torch.Tensor]:
+    def _output_weight(self) -> torch.Tensor | None:
         return self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
 
-    def _logits(self, hidden_states: torch.Tensor, runtime_gather_output: Optional[bool]) -> torch.Tensor:
+    def _logits(self, hidden_states: torch.Tensor, runtime_gather_output: bool | None) -> torch.Tensor:
         logits, _ = self.output_layer(hidden_states, runtime_gather_output=runtime_gather_output)
         return logits.transpose(0, 1).contiguous()
 
     def forward(
         self,
-        input_ids: Optional[torch.Tensor],
-        position_ids: Optional[torch.Tensor],
+        input_ids: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
         *args,
         return_mtp_logits: bool = False,
         **kwargs,
-    ) -> Union[torch.Tensor, Tuple[torch.Tensor, List[torch.Tensor]]]:
+    ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         """MTP shifts position_ids along with input_ids, so a stage that has tokens always gets positions.
 
         ``return_mtp_logits=True`` (evaluation, no labels) makes the last stage also run the MTP blocks and return

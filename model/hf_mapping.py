@@ -19,9 +19,10 @@ single-rank model first: dist_checkpointing reshards).
 
 import dataclasses
 import re
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any
 
 import torch
 
@@ -33,7 +34,7 @@ HUB_MTP_PRE_MLP_NORM = "pre_mlp_layernorm"
 """The Hub's name for the MTP layer's second norm (decoder layers call it post_attention_layernorm)."""
 QUANT_SCALE_SUFFIX = "_scale_inv"
 
-TensorStream = Iterable[Tuple[str, torch.Tensor]]
+TensorStream = Iterable[tuple[str, torch.Tensor]]
 
 
 class HFMappingError(ValueError):
@@ -52,7 +53,7 @@ class ShardLayout:
     etp_size: int = 1
     first_layer: int = 0
     """Global index of the chunk's first decoder layer."""
-    num_layers: Optional[int] = None
+    num_layers: int | None = None
     """Decoder layers in the chunk; None: all from first_layer on."""
     has_embedding: bool = True
     """Pipeline stages with the input embedding: the first, and the one running the MTP blocks."""
@@ -102,21 +103,21 @@ class _Rule:
 
     mimo: str
     """Name in a full (unsharded, single-stage) mimo model."""
-    hf: Tuple[str, ...]
+    hf: tuple[str, ...]
     shard: _Shard
     merge: Callable[[Sequence[torch.Tensor]], torch.Tensor]
-    split: Callable[[torch.Tensor], List[torch.Tensor]]
+    split: Callable[[torch.Tensor], list[torch.Tensor]]
     place: str
     """embedding | decoder | output | mtp: which pipeline chunk holds it."""
-    layer: Optional[int] = None
-    expert: Optional[int] = None
+    layer: int | None = None
+    expert: int | None = None
 
 
 def _identity_merge(parts: Sequence[torch.Tensor]) -> torch.Tensor:
     return parts[0]
 
 
-def _identity_split(tensor: torch.Tensor) -> List[torch.Tensor]:
+def _identity_split(tensor: torch.Tensor) -> list[torch.Tensor]:
     return [tensor]
 
 
@@ -124,7 +125,7 @@ def _concat_merge(parts: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.cat(list(parts), dim=0)
 
 
-def _halves_split(tensor: torch.Tensor) -> List[torch.Tensor]:
+def _halves_split(tensor: torch.Tensor) -> list[torch.Tensor]:
     return list(torch.chunk(tensor, 2, dim=0))
 
 
@@ -139,7 +140,7 @@ def _qkv_ops(cfg: ModelConfig, kind: AttentionType):
         fused = torch.cat([q.view(groups, q_rows, hidden), k.view(groups, dk, hidden), v.view(groups, dv, hidden)], 1)
         return fused.reshape(-1, hidden)
 
-    def split(tensor: torch.Tensor) -> List[torch.Tensor]:
+    def split(tensor: torch.Tensor) -> list[torch.Tensor]:
         hidden = tensor.shape[-1]
         q, k, v = torch.split(tensor.view(groups, q_rows + dk + dv, hidden), [q_rows, dk, dv], dim=1)
         return [part.reshape(-1, hidden).contiguous() for part in (q, k, v)]
@@ -149,7 +150,7 @@ def _qkv_ops(cfg: ModelConfig, kind: AttentionType):
 
 def _layer_rules(
     cfg: ModelConfig, mimo: str, hf: str, kind: AttentionType, moe: bool, mtp: bool, **where
-) -> List[_Rule]:
+) -> list[_Rule]:
     """Rules of one transformer layer: decoder layer (mimo ``decoder.layers.i.``) or MTP layer."""
     qkv_merge, qkv_split = _qkv_ops(cfg, kind)
     plain = dict(merge=_identity_merge, split=_identity_split, **where)
@@ -192,7 +193,7 @@ def _layer_rules(
     return rules
 
 
-def _mlp_rules(mimo: str, hf: str, where: Dict[str, Any], fc2: Optional[str] = None) -> List[_Rule]:
+def _mlp_rules(mimo: str, hf: str, where: dict[str, Any], fc2: str | None = None) -> list[_Rule]:
     """SwiGLU FFN: fc1 = [gate; up], fc2 = down. ``mimo`` is the module prefix, or fc1's full name with ``fc2``."""
     fc1_name, fc2_name = (mimo, fc2) if fc2 else (f"{mimo}linear_fc1.weight", f"{mimo}linear_fc2.weight")
     return [
@@ -210,7 +211,7 @@ def _mlp_rules(mimo: str, hf: str, where: Dict[str, Any], fc2: Optional[str] = N
     ]
 
 
-def _rules(cfg: ModelConfig) -> List[_Rule]:
+def _rules(cfg: ModelConfig) -> list[_Rule]:
     """Every tensor of the full model."""
     plain = dict(merge=_identity_merge, split=_identity_split)
     rules = [
@@ -288,7 +289,7 @@ def _check_divisible(cfg: ModelConfig, layout: ShardLayout) -> None:
         raise HFMappingError(f"ep_size={layout.ep_size} does not divide model.num_experts={cfg.num_experts}")
 
 
-def hf_names(cfg: ModelConfig, layout: ShardLayout = ShardLayout()) -> List[str]:
+def hf_names(cfg: ModelConfig, layout: ShardLayout = ShardLayout()) -> list[str]:
     """Hub names of the HF tensors one rank's chunk is built from (the whole model with the default layout), so a
     converter reads only those. Tensors fused into one mimo tensor are listed next to each other."""
     cfg.validate()
@@ -302,7 +303,7 @@ def hf_to_mimo(
     layout: ShardLayout = ShardLayout(),
     *,
     drop_extra_mtp_layers: bool = False,
-) -> Iterator[Tuple[str, torch.Tensor]]:
+) -> Iterator[tuple[str, torch.Tensor]]:
     """Hub-named HF tensors -> the (name, tensor) pairs of one rank's mimo state dict.
 
     Tensors of other ranks (other pipeline stages or expert-parallel ranks) are read and skipped. Raises
@@ -312,11 +313,11 @@ def hf_to_mimo(
     """
     cfg.validate()
     _check_divisible(cfg, layout)
-    by_hf: Dict[str, _Rule] = {}
+    by_hf: dict[str, _Rule] = {}
     for rule in _rules(cfg):
         for name in rule.hf:
             by_hf[name] = rule
-    pending: Dict[str, Dict[str, torch.Tensor]] = {}
+    pending: dict[str, dict[str, torch.Tensor]] = {}
     needed = {rule.mimo for rule in by_hf.values() if _holds(rule, layout, cfg)}
     for name, tensor in hf_tensors:
         rule = by_hf.get(name)
@@ -356,7 +357,7 @@ def _unknown_hf_key(name: str, cfg: ModelConfig, drop_extra_mtp_layers: bool) ->
     )
 
 
-def mimo_to_hf(mimo_tensors: TensorStream, cfg: ModelConfig) -> Iterator[Tuple[str, torch.Tensor]]:
+def mimo_to_hf(mimo_tensors: TensorStream, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
     """A full (single-rank, unsharded) mimo state dict -> Hub-named HF tensors (MTP blocks included).
 
     megatron's ``_extra_state`` entries (FP8 metadata) carry no weights and are skipped.
@@ -375,7 +376,7 @@ def mimo_to_hf(mimo_tensors: TensorStream, cfg: ModelConfig) -> Iterator[Tuple[s
         yield from zip(rule.hf, rule.split(tensor))
 
 
-def mimo_config_to_hf(cfg: ModelConfig) -> Dict[str, Any]:
+def mimo_config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     """Keyword arguments of transformers' ``MiMoV2FlashConfig`` describing the same architecture.
 
     transformers derives the SWA KV heads as twice the GA ones and puts sinks on exactly the SWA layers, so other
@@ -393,7 +394,7 @@ def mimo_config_to_hf(cfg: ModelConfig) -> Dict[str, Any]:
             " model.add_swa_attention_sink_bias=true and model.add_full_attention_sink_bias=false"
         )
 
-    def rope(kind: AttentionType) -> Dict[str, Any]:
+    def rope(kind: AttentionType) -> dict[str, Any]:
         return {
             "rope_type": HF_DEFAULT_ROPE_TYPE,
             "rope_theta": cfg.rope_base(kind),
@@ -431,12 +432,12 @@ def mimo_config_to_hf(cfg: ModelConfig) -> Dict[str, Any]:
     )
 
 
-def hf_config_to_mimo(hf_config: Union[Mapping[str, Any], Any], base: ModelConfig = ModelConfig()) -> ModelConfig:
+def hf_config_to_mimo(hf_config: Mapping[str, Any] | Any, base: ModelConfig | None = None) -> ModelConfig:
     """The mimo ModelConfig of an HF MiMo-V2-Flash config (a ``MiMoV2FlashConfig`` or its keyword arguments).
 
     The architecture comes from HF; training-only settings (MTP blocks and loss weight, MoE balancing, dispatcher,
     init std, name) come from ``base``: HF configs do not carry them, and the Hub's initializer_range (0.02) is a
-    library default, not the 0.006 MiMo was trained with.
+    library default, not the 0.006 MiMo was trained with. Without a ``base`` those come from ModelConfig's defaults.
     """
     if isinstance(hf_config, Mapping):
         from transformers import MiMoV2FlashConfig
@@ -469,7 +470,7 @@ def hf_config_to_mimo(hf_config: Union[Mapping[str, Any], Any], base: ModelConfi
             raise HFMappingError(f"HF config {key}={value}: mimo's MiMo-V2-Flash supports only {wanted}")
     value_scale = hf_config.attention_value_scale
     return dataclasses.replace(
-        base,
+        base or ModelConfig(),
         num_layers=hf_config.num_hidden_layers,
         hidden_size=hf_config.hidden_size,
         vocab_size=hf_config.vocab_size,

@@ -17,7 +17,7 @@ whatever layout loads it.
 """
 
 import hashlib
-from typing import Iterator, List, Sequence, Set
+from collections.abc import Iterator, Sequence
 
 import torch
 from megatron.core.dist_checkpointing.dict_utils import nested_values
@@ -46,7 +46,7 @@ def initialize_weights(chunks: Sequence[MegatronModule], seed: int) -> None:
                 " different output_layer_init_method; build the config with mimo.model.builder.transformer_config"
             )
         random_params = _random_parameters(chunk)
-        initialized: Set[int] = set()
+        initialized: set[int] = set()
         for shard, param in _parameter_shards(chunk, random_params):
             _draw_shard(shard, seed, config.init_method)
             initialized.add(id(param))
@@ -58,7 +58,7 @@ def initialize_weights(chunks: Sequence[MegatronModule], seed: int) -> None:
             )
 
 
-def _random_parameters(chunk: torch.nn.Module) -> Set[int]:
+def _random_parameters(chunk: torch.nn.Module) -> set[int]:
     """ids of the parameters drawn at random: matrices and attention sinks."""
     chosen = {id(param) for param in chunk.parameters() if param.dim() >= 2}
     for module in chunk.modules():
@@ -67,7 +67,7 @@ def _random_parameters(chunk: torch.nn.Module) -> Set[int]:
     return chosen
 
 
-def _parameter_shards(chunk: MegatronModule, params: Set[int]) -> Iterator[tuple]:
+def _parameter_shards(chunk: MegatronModule, params: set[int]) -> Iterator[tuple]:
     """(sharded tensor whose data is this rank's piece of a parameter, that parameter) for the given params.
 
     A factory (the gated FFN's [gate; up] weight) splits its parameter into views with their own global offsets.
@@ -82,7 +82,7 @@ def _parameter_shards(chunk: MegatronModule, params: Set[int]) -> Iterator[tuple
             yield piece, entry.data
 
 
-def _built(factory: ShardedTensorFactory) -> List[ShardedTensor]:
+def _built(factory: ShardedTensorFactory) -> list[ShardedTensor]:
     built = factory.build()
     pieces = nested_values(built) if isinstance(built, (dict, list)) else [built]
     return [piece for piece in pieces if isinstance(piece, ShardedTensor)]

@@ -17,7 +17,7 @@ class RMSNorm(torch.nn.Module):
         super().__init__()
         device = "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
         self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype, device=device))
-        setattr(self.weight, "sequence_parallel", config.sequence_parallel)
+        self.weight.sequence_parallel = config.sequence_parallel
         self.eps = eps
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,6 @@ not exercised on the CPU machines this code is tested on.
 """
 
 from dataclasses import dataclass
-from typing import List, Optional
 
 from megatron.core.extensions.transformer_engine import HAVE_TE, TEDotProductAttention, TENorm
 from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider
@@ -76,7 +75,9 @@ def core_attention_module(backend: BackendModules, geometry: AttentionGeometry, 
     return backend.core_attention
 
 
-def attention_spec(cfg: ModelConfig, kind: AttentionType, backend: BackendModules, context_parallel: bool) -> ModuleSpec:
+def attention_spec(
+    cfg: ModelConfig, kind: AttentionType, backend: BackendModules, context_parallel: bool
+) -> ModuleSpec:
     """``cp_comm_type`` matters only to Transformer Engine's core attention; mimo's ignores it."""
     geometry = AttentionGeometry.for_layer(cfg, kind)
     return ModuleSpec(
@@ -130,7 +131,7 @@ def transformer_layer_spec(
     )
 
 
-def decoder_layer_specs(cfg: ModelConfig, use_te: bool, context_parallel: bool = False) -> List[ModuleSpec]:
+def decoder_layer_specs(cfg: ModelConfig, use_te: bool, context_parallel: bool = False) -> list[ModuleSpec]:
     """Specs of all decoder layers, in order."""
     return [
         transformer_layer_spec(cfg, kind, cfg.is_moe(layer), use_te, context_parallel)
@@ -139,7 +140,7 @@ def decoder_layer_specs(cfg: ModelConfig, use_te: bool, context_parallel: bool =
 
 
 def decoder_block_spec(
-    cfg: ModelConfig, config: TransformerConfig, use_te: bool, vp_stage: Optional[int] = None
+    cfg: ModelConfig, config: TransformerConfig, use_te: bool, vp_stage: int | None = None
 ) -> TransformerBlockSubmodules:
     """The layers this pipeline (and virtual pipeline) stage builds, sliced with megatron's own stage split."""
     offset = get_transformer_layer_offset(config, vp_stage=vp_stage)
@@ -172,8 +173,8 @@ def mtp_layer_spec(cfg: ModelConfig, use_te: bool, context_parallel: bool = Fals
 
 
 def mtp_block_spec(
-    cfg: ModelConfig, config: TransformerConfig, use_te: bool, vp_stage: Optional[int] = None
-) -> Optional[MultiTokenPredictionBlockSubmodules]:
+    cfg: ModelConfig, config: TransformerConfig, use_te: bool, vp_stage: int | None = None
+) -> MultiTokenPredictionBlockSubmodules | None:
     """The MTP blocks this stage builds (all of them on the last stage), or None."""
     if not cfg.mtp_num_layers:
         return None

@@ -6,8 +6,6 @@ they are refused before any process group exists, with the numbers and the chang
 inside megatron-core at the first MoE layer or the first checkpoint.
 """
 
-from typing import List
-
 from mimo.model.config import ModelConfig
 from mimo.parallel.layout import LayoutError, ResolvedLayout
 
@@ -44,7 +42,7 @@ def check_backend_support(layout: ResolvedLayout, model: ModelConfig, *, backend
                 )
 
 
-def stage_layer_indices(layout: ResolvedLayout) -> List[List[int]]:
+def stage_layer_indices(layout: ResolvedLayout) -> list[list[int]]:
     """The decoder layers each pipeline rank holds, over all its virtual stages, in megatron's order.
 
     Virtual stage v of pipeline rank s holds ``stage_layers[s] / vpp`` layers, placed after round v's chunks of
@@ -52,7 +50,7 @@ def stage_layer_indices(layout: ResolvedLayout) -> List[List[int]]:
     """
     vpp = layout.vpp or 1
     per_round = sum(layout.stage_layers) // vpp
-    ranks: List[List[int]] = []
+    ranks: list[list[int]] = []
     for stage, count in enumerate(layout.stage_layers):
         chunk = count // vpp
         before = sum(layout.stage_layers[:stage]) // vpp

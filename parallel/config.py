@@ -1,7 +1,6 @@
 """The parallel layout a run asks for. Data parallelism is never configured: it is what the world size leaves."""
 
 from dataclasses import dataclass
-from typing import Optional
 
 
 @dataclass
@@ -10,7 +9,7 @@ class ParallelConfig:
     """Tensor-parallel degree (attention heads, dense FFN, embedding/head vocab)."""
     pp: int = 1
     """Pipeline-parallel degree."""
-    vpp: Optional[int] = None
+    vpp: int | None = None
     """Virtual pipeline stages per rank (interleaved 1F1B); None means no interleaving."""
     ep: int = 1
     """Expert-parallel degree."""
@@ -18,15 +17,15 @@ class ParallelConfig:
     """Tensor-parallel degree inside each expert."""
     cp: int = 1
     """Context-parallel degree (sequence split across ranks)."""
-    sequence_parallel: Optional[bool] = None
+    sequence_parallel: bool | None = None
     """None turns it on exactly when tp > 1 (megatron-core needs it for TP with MoE)."""
     distributed_optimizer: bool = True
     """Shard optimizer state over data-parallel ranks (ZeRO-1 style)."""
-    pipeline_first_stage_layers: Optional[int] = None
+    pipeline_first_stage_layers: int | None = None
     """Layers on the first pipeline stage when stages are uneven (the embedding lives there)."""
-    pipeline_last_stage_layers: Optional[int] = None
+    pipeline_last_stage_layers: int | None = None
     """Layers on the last pipeline stage when stages are uneven (head and MTP live there)."""
-    backend: Optional[str] = None
+    backend: str | None = None
     """torch.distributed backend; None picks nccl with CUDA and gloo without."""
     timeout_minutes: int = 30
     """How long collectives (and process-group start-up) wait for a missing rank before failing."""

@@ -6,14 +6,12 @@ under causal attention every rank has the same work. Attention needs the keys an
 evaluation the whole sequence's logits, and loss normalisation the token count of the whole sequence.
 """
 
-from typing import List, Optional, Tuple
-
 import torch
 from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 from megatron.core.utils import get_pg_size
 
 
-def load_balanced_chunks(cp_rank: int, cp_size: int) -> Tuple[int, int]:
+def load_balanced_chunks(cp_rank: int, cp_size: int) -> tuple[int, int]:
     """The two of the sequence's 2 * cp_size chunks that context-parallel rank ``cp_rank`` holds, in its order."""
     return cp_rank, 2 * cp_size - 1 - cp_rank
 
@@ -27,7 +25,9 @@ def sum_over_context_parallel(value: torch.Tensor, cp_group: torch.distributed.P
     return total
 
 
-def gather_in_sequence_order(local: torch.Tensor, cp_group: torch.distributed.ProcessGroup, dim: int = 0) -> torch.Tensor:
+def gather_in_sequence_order(
+    local: torch.Tensor, cp_group: torch.distributed.ProcessGroup, dim: int = 0
+) -> torch.Tensor:
     """Every rank's part of a tensor split along ``dim`` as one tensor in sequence order.
 
     Differentiable: the backward reduce-scatters, summing the gradients all ranks computed for each position
@@ -41,7 +41,7 @@ def gather_in_sequence_order(local: torch.Tensor, cp_group: torch.distributed.Pr
         along_first.contiguous(), tensor_parallel_output_grad=True, group=cp_group
     )
     pieces = gathered.chunk(2 * cp, dim=0)  # rank after rank, each rank's two chunks in its order
-    ordered: List[Optional[torch.Tensor]] = [None] * (2 * cp)
+    ordered: list[torch.Tensor | None] = [None] * (2 * cp)
     for rank in range(cp):
         for piece, chunk_id in zip(pieces[2 * rank : 2 * rank + 2], load_balanced_chunks(rank, cp)):
             ordered[chunk_id] = piece

@@ -10,15 +10,16 @@ because the patched internals may have moved, and a failure deep inside a traini
 import contextlib
 import logging
 import multiprocessing
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch.overrides import TorchFunctionMode
 
-VERIFIED_MEGATRON_VERSIONS: Tuple[str, ...] = ("0.16.1",)
+VERIFIED_MEGATRON_VERSIONS: tuple[str, ...] = ("0.16.1",)
 
 _CPU = torch.device("cpu")
-_mode: Optional[TorchFunctionMode] = None
+_mode: TorchFunctionMode | None = None
 
 
 class UnsupportedMegatronVersion(RuntimeError):
@@ -88,7 +89,7 @@ def _names_cuda(device: Any) -> bool:
 class _CudaToCpuMode(TorchFunctionMode):
     """Redirects CUDA placements to the CPU for every torch call, wherever megatron makes it."""
 
-    def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: Optional[Dict] = None):
+    def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None):
         kwargs = kwargs or {}
         # Module.cuda()/Tensor.cuda() are called on parameters and buffers; the CPU build raises on them.
         if func is torch.Tensor.cuda:
@@ -139,7 +140,7 @@ class _NoOpStream:
     def wait_event(self, event: Any) -> None:
         pass
 
-    def record_event(self, event: Optional[_NoOpEvent] = None) -> _NoOpEvent:
+    def record_event(self, event: _NoOpEvent | None = None) -> _NoOpEvent:
         return event if event is not None else _NoOpEvent()
 
     def synchronize(self) -> None:
@@ -238,7 +239,7 @@ def _patch_torch_adam_checkpoint_load() -> None:
     set_states = DistributedOptimizer._set_main_param_and_optimizer_states
     load_state_dict = DistributedOptimizer.load_state_dict
 
-    def set_states_except_step(self: DistributedOptimizer, model_param: torch.Tensor, tensors: Dict) -> None:
+    def set_states_except_step(self: DistributedOptimizer, model_param: torch.Tensor, tensors: dict) -> None:
         group_index, group_order = self.model_param_group_index_map[model_param]
         state = self.optimizer.state[self.optimizer.param_groups[group_index]["params"][group_order]]
         step = state.pop("step", None)
@@ -248,7 +249,7 @@ def _patch_torch_adam_checkpoint_load() -> None:
             if step is not None:
                 state["step"] = step
 
-    def load_with_own_steps(self: DistributedOptimizer, state_dict: Dict) -> None:
+    def load_with_own_steps(self: DistributedOptimizer, state_dict: dict) -> None:
         load_state_dict(self, state_dict)
         for state in self.optimizer.state.values():
             if "step" in state:
@@ -258,7 +259,7 @@ def _patch_torch_adam_checkpoint_load() -> None:
     DistributedOptimizer.load_state_dict = load_with_own_steps
 
 
-def _accurate_l2_norm(chunk_size: int, noop_flag: Any, tensor_lists: List[List[torch.Tensor]], per_tensor: bool, *args):
+def _accurate_l2_norm(chunk_size: int, noop_flag: Any, tensor_lists: list[list[torch.Tensor]], per_tensor: bool, *args):
     """megatron's fallback ``local_multi_tensor_l2_norm`` (no TE/Apex), with per-tensor norms accumulated in FP64.
 
     The fallback calls ``torch.norm``, whose CPU kernel accumulates a long FP32 vector with an error growing with

@@ -7,7 +7,6 @@ change.
 """
 
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
 
 from mimo.model.config import ModelConfig
 from mimo.parallel.config import ParallelConfig
@@ -24,7 +23,7 @@ class ResolvedLayout:
     world_size: int
     tp: int
     pp: int
-    vpp: Optional[int]
+    vpp: int | None
     cp: int
     ep: int
     etp: int
@@ -35,7 +34,7 @@ class ResolvedLayout:
     sequence_parallel: bool
     num_microbatches: int
     """Micro-batches each data-parallel rank runs per optimizer step."""
-    stage_layers: Tuple[int, ...]
+    stage_layers: tuple[int, ...]
     """Decoder layers on each pipeline stage (MTP blocks come on top of the last one)."""
 
 
@@ -185,7 +184,7 @@ def _resolve_sequence_parallel(parallel: ParallelConfig, model: ModelConfig) -> 
     return bool(parallel.sequence_parallel)
 
 
-def _split_layers(parallel: ParallelConfig, model: ModelConfig) -> Tuple[int, ...]:
+def _split_layers(parallel: ParallelConfig, model: ModelConfig) -> tuple[int, ...]:
     """Layers per pipeline stage, following megatron's uneven first/last stage rule."""
     pp, vpp, num_layers = parallel.pp, parallel.vpp, model.num_layers
     first, last = parallel.pipeline_first_stage_layers, parallel.pipeline_last_stage_layers
@@ -226,7 +225,7 @@ def _split_layers(parallel: ParallelConfig, model: ModelConfig) -> Tuple[int, ..
             " parallel.pipeline_first_stage_layers / pipeline_last_stage_layers"
         )
     per_middle = middle_layers // middle_stages if middle_stages else 0
-    stage_layers: List[int] = [per_middle] * pp
+    stage_layers: list[int] = [per_middle] * pp
     if first is not None:
         stage_layers[0] = first
     if last is not None:

@@ -6,13 +6,12 @@ warning (the internals it touches may have moved, or the bug may be fixed upstre
 """
 
 import logging
-from typing import Dict, Tuple
 
 from mimo.parallel.cpu_compat import megatron_version
 
 logger = logging.getLogger(__name__)
 
-FULLY_RESHARDABLE_OFFSETS_VERIFIED: Tuple[str, ...] = ("0.16.1",)
+FULLY_RESHARDABLE_OFFSETS_VERIFIED: tuple[str, ...] = ("0.16.1",)
 
 _applied = False
 
@@ -64,7 +63,7 @@ def _fix_fully_reshardable_offsets() -> None:
     DistributedOptimizer.sharded_param_state_fully_reshardable = build_with_unpadded_positions
 
 
-def _unpadded_index_map(buffer) -> Dict:
+def _unpadded_index_map(buffer) -> dict:
     """``param_index_map`` (param -> (start, end, bucket id), padded buffer positions) in the coordinates of the
     buffer with every bucket's end padding removed, in the same order."""
     shift = {}

@@ -5,20 +5,20 @@ import os
 import random
 import re
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Mapping
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from mimo.model.config import ModelConfig
-from mimo.parallel.config import ParallelConfig
 from mimo.parallel.backend_limits import check_backend_support
+from mimo.parallel.config import ParallelConfig
 from mimo.parallel.cpu_compat import enable_cpu_compat
-from mimo.parallel.megatron_fixes import apply_megatron_fixes
 from mimo.parallel.layout import ResolvedLayout, validate_layout
+from mimo.parallel.megatron_fixes import apply_megatron_fixes
 
 LOOPBACK = "127.0.0.1"
 

@@ -5,9 +5,9 @@ sub-folders. Every key is overridable as ``key=value``; a group is chosen with `
 """
 
 import argparse
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Sequence
 
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
@@ -52,16 +52,14 @@ class ConfigError(ValueError):
 ConfigStore.instance().store(name=SCHEMA_NAME, node=MimoConfig)
 
 
-def available_recipes() -> List[str]:
+def available_recipes() -> list[str]:
     return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
 
 
 def load_config(overrides: Sequence[str] = (), config_name: str = "config") -> MimoConfig:
     """Compose ``config_name`` with ``key=value`` overrides into a typed, fully resolved MimoConfig."""
     if config_name not in available_recipes():
-        raise ConfigError(
-            f"unknown recipe {config_name!r}; available: {', '.join(available_recipes())}"
-        )
+        raise ConfigError(f"unknown recipe {config_name!r}; available: {', '.join(available_recipes())}")
     try:
         with initialize_config_dir(config_dir=str(RECIPES_DIR), version_base=None):
             composed = compose(config_name=config_name, overrides=list(overrides))
@@ -84,8 +82,6 @@ def recipe_argument_parser(prog: str, description: str) -> argparse.ArgumentPars
         description=description,
         epilog="overrides: any config key, e.g. train.steps=50 parallel.ep=2 model=mimo_v2_flash",
     )
-    parser.add_argument(
-        "--config-name", "-c", default="config", help=f"recipe in {RECIPES_DIR} (default: config)"
-    )
+    parser.add_argument("--config-name", "-c", default="config", help=f"recipe in {RECIPES_DIR} (default: config)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     return parser

@@ -12,10 +12,10 @@ import logging
 import os
 import tempfile
 import time
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterator, List, Sequence
 
 import torch
 import torch.multiprocessing as mp
@@ -46,17 +46,17 @@ class Run:
 
     run_dir: Path
     overrides: Sequence[str]
-    log: List[str] = field(default_factory=list)
+    log: list[str] = field(default_factory=list)
     """The ``mimo`` logger's messages on rank 0, filled in once the run finished."""
-    _checkpoints: Dict[int, Dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
+    _checkpoints: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
 
-    def argv(self, data_cache: Path) -> List[str]:
+    def argv(self, data_cache: Path) -> list[str]:
         return [f"run.dir={self.run_dir}", f"data.cache_dir={data_cache}", *COMMON, *self.overrides]
 
-    def metrics(self) -> List[Dict[str, float]]:
+    def metrics(self) -> list[dict[str, float]]:
         return [json.loads(line) for line in (self.run_dir / "metrics.jsonl").read_text().splitlines()]
 
-    def checkpoint(self, step: int) -> Dict[str, torch.Tensor]:
+    def checkpoint(self, step: int) -> dict[str, torch.Tensor]:
         """The tensors of the checkpoint saved at ``step`` (read once)."""
         if step not in self._checkpoints:
             self._checkpoints[step] = checkpoint_tensors(self.run_dir / "checkpoints" / f"step_{step:07d}")
@@ -68,9 +68,9 @@ class RunFailed(RuntimeError):
 
 
 @contextmanager
-def captured_log() -> Iterator[List[str]]:
+def captured_log() -> Iterator[list[str]]:
     """Collect the ``mimo`` logger's messages (the run reconfigures the root logger, so hook in below it)."""
-    lines: List[str] = []
+    lines: list[str] = []
 
     class Collect(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
@@ -124,7 +124,7 @@ def _rendezvous_port(rank: int, index: int, log_dir: str) -> int:
     return int(path.read_text())
 
 
-def _rank_main(rank: int, nproc: int, argvs: List[List[str]], log_dir: str) -> None:
+def _rank_main(rank: int, nproc: int, argvs: list[list[str]], log_dir: str) -> None:
     torch.set_num_threads(1)
     from mimo.train.cli import main
 
@@ -141,7 +141,7 @@ def _rank_main(rank: int, nproc: int, argvs: List[List[str]], log_dir: str) -> N
             raise RunFailed(f"rank {rank}: run {argv} exited with {code}:\n" + "\n".join(lines[-20:]))
 
 
-def checkpoint_tensors(path: Path) -> Dict[str, torch.Tensor]:
+def checkpoint_tensors(path: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a checkpoint by its global name: the model's, the optimizer's (in megatron's reshardable
     model-space format) and the router's expert bias. Layout-dependent entries (per-rank RNG states, the linear
     layers' empty extra state) are not tensors and are left out."""
@@ -152,12 +152,12 @@ def checkpoint_tensors(path: Path) -> Dict[str, torch.Tensor]:
     return {key: value for key, value in state.items() if torch.is_tensor(value)}
 
 
-def worst_metric_difference(reference: List[Dict[str, float]], records: List[Dict[str, float]]) -> Dict[str, float]:
+def worst_metric_difference(reference: list[dict[str, float]], records: list[dict[str, float]]) -> dict[str, float]:
     """The largest relative difference per logged metric (loss, lm/mtp/aux loss, grad norm), over the steps."""
     return {key: max(values) for key, values in relative_differences(reference, records).items()}
 
 
-def tensor_differences(reference: Dict[str, torch.Tensor], tensors: Dict[str, torch.Tensor]) -> Dict[str, float]:
+def tensor_differences(reference: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]) -> dict[str, float]:
     """|a - b| / |a| (Frobenius norms, in FP64) per tensor; both sides must hold the same names."""
     if reference.keys() != tensors.keys():
         only_reference = sorted(reference.keys() - tensors.keys())

@@ -13,9 +13,7 @@ def test_default_recipe_is_typed_and_fills_derived_paths():
 
 
 def test_overrides_reach_every_group():
-    cfg = load_config(
-        ["train.steps=7", "parallel.ep=2", "optim.lr=0.01", "run.dir=/tmp/x", "logging.wandb=offline"]
-    )
+    cfg = load_config(["train.steps=7", "parallel.ep=2", "optim.lr=0.01", "run.dir=/tmp/x", "logging.wandb=offline"])
     assert (cfg.train.steps, cfg.parallel.ep, cfg.optim.lr) == (7, 2, 0.01)
     assert cfg.checkpoint.dir == "/tmp/x/checkpoints"
     assert cfg.logging.wandb == "offline"

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from tiny_hub import FULL, HF_TINY, SLIDING
 from transformers import MiMoV2FlashConfig, MiMoV2FlashForCausalLM
 
 from mimo.model.builder import build_model
@@ -30,7 +31,6 @@ from mimo.train.checkpoint import latest_checkpoint, load_checkpoint, read_meta
 from mimo.train.convert import check_tensors, export_hf, import_hf, imported_model_config, main
 from mimo.train.evaluate import evaluate
 from mimo.train.hf_checkpoint import ConvertError, HFCheckpoint, hub_tensor_shapes
-from tiny_hub import FULL, HF_TINY, SLIDING
 
 SEQ = 32
 SMALL = (f"train.seq_length={SEQ}", "train.global_batch_size=4", "train.micro_batch_size=2")

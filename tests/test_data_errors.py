@@ -2,6 +2,7 @@
 
 import numpy
 import pytest
+
 from mimo.data.config import DataConfig, LongDocConfig
 from mimo.data.errors import DataError
 from mimo.data.indexed import write_indexed

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
 from mimo.data.config import DataConfig, DataStageConfig, LongDocConfig
 from mimo.data.errors import DataError
 from mimo.data.indexed import write_indexed

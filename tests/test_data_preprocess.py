@@ -14,12 +14,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from megatron.core.datasets.indexed_dataset import IndexedDataset
+from transformers import AutoTokenizer
+
 from mimo.data.config import PreprocessConfig
 from mimo.data.errors import DataError
 from mimo.data.preprocess import main, preprocess
 from mimo.data.shipped_corpus import shipped_corpus_path
 from mimo.data.train_tokenizer import SHIPPED_TOKENIZER_DIR
-from transformers import AutoTokenizer
 
 
 @pytest.fixture(scope="module")

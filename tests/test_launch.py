@@ -20,15 +20,20 @@ import stat
 import subprocess
 import time
 from pathlib import Path
-from typing import Dict, List
 
 from mimo.parallel.runtime import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 NPROC = 2
 JOB_ID = "4242"
-TRAIN = ("train.steps=500", "train.global_batch_size=8", "train.micro_batch_size=2", "train.seq_length=64",
-         "logging.interval=1", "checkpoint.interval=1000")
+TRAIN = (
+    "train.steps=500",
+    "train.global_batch_size=8",
+    "train.micro_batch_size=2",
+    "train.seq_length=64",
+    "logging.interval=1",
+    "checkpoint.interval=1000",
+)
 STEPS_BEFORE_STOP = 2
 """Steps a launch trains (beyond where it started) before it is stopped: enough to see that the steps continue."""
 TIMEOUT_S = 300
@@ -55,7 +60,7 @@ def _write_stub(directory: Path, name: str, text: str) -> None:
     path.chmod(path.stat().st_mode | stat.S_IXUSR)
 
 
-def _steps(run_dir: Path) -> List[int]:
+def _steps(run_dir: Path) -> list[int]:
     metrics = run_dir / "metrics.jsonl"
     if not metrics.exists():
         return []
@@ -70,10 +75,11 @@ def _checkpoint(run_dir: Path, step: int) -> Path:
     return run_dir / "checkpoints" / f"step_{step:07d}"
 
 
-def _start(command: List[str], env: Dict[str, str]) -> subprocess.Popen:
+def _start(command: list[str], env: dict[str, str]) -> subprocess.Popen:
     """In its own session, like a job: its process group holds the script, torchrun and the ranks."""
-    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    return subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
 
 
 def _train_then_stop(job: subprocess.Popen, run_dir: Path, stop) -> str:

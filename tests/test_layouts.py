@@ -25,8 +25,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from layout_runs import Run, run_group, run_single, tensor_differences, worst_metric_difference
+
 from mimo.model.config import ModelConfig
 from mimo.parallel.backend_limits import check_backend_support
 from mimo.parallel.config import ParallelConfig

@@ -19,7 +19,6 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List
 
 import pytest
 from omegaconf import OmegaConf
@@ -39,7 +38,7 @@ SEQ12, BATCH12, MICRO12, UNIT1 = 64, 16, 4, 4  # stages 1-2: one rank, so the ba
 SEQ3, BATCH3 = 512, 2
 
 
-def scaled_schedule() -> List[str]:
+def scaled_schedule() -> list[str]:
     amounts = [segment.tokens for segment in RECIPE_SCHEDULE.lr] + [stage.end for stage in RECIPE_SCHEDULE.stages]
     assert all(amount % SCALE == 0 for amount in amounts + [RECIPE_SCHEDULE.batch_rampup_tokens])
     return [
@@ -74,13 +73,13 @@ def expected_batch(tokens: int) -> int:
     return max(1, BATCH12 * tokens // (RAMP * UNIT1)) * UNIT1
 
 
-def stage_records(run_dir: Path, first_step: int, seq: int) -> List[Dict]:
+def stage_records(run_dir: Path, first_step: int, seq: int) -> list[dict]:
     """The metrics of the steps from ``first_step`` on, each with the tokens consumed before it."""
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, len(records) + 1)), "steps do not continue"
     for record in records:
         record["tokens_before"] = record["tokens"] - record["global_batch_size"] * seq
-    return records[first_step - 1:]
+    return records[first_step - 1 :]
 
 
 class Lines(logging.Handler):
@@ -88,7 +87,7 @@ class Lines(logging.Handler):
 
     def __init__(self) -> None:
         super().__init__(logging.INFO)
-        self.lines: List[str] = []
+        self.lines: list[str] = []
 
     def emit(self, record: logging.LogRecord) -> None:
         self.lines.append(record.getMessage())
@@ -107,15 +106,24 @@ def mimo_log():
     logger.removeHandler(handler)
 
 
-def step_values(record: Dict) -> tuple:
-    return (record["global_batch_size"], record["mtp_loss_weight"], record["moe_router_bias_update_rate"],
-            record["moe_aux_loss_coeff"])
+def step_values(record: dict) -> tuple:
+    return (
+        record["global_batch_size"],
+        record["mtp_loss_weight"],
+        record["moe_router_bias_update_rate"],
+        record["moe_aux_loss_coeff"],
+    )
 
 
 def test_three_stages_in_order_on_one_run_directory(tmp_path, data_cache, mimo_log):
     run_dir = tmp_path / "miniature"
-    common = [f"run.dir={run_dir}", f"data.cache_dir={data_cache}", "logging.interval=1",
-              "checkpoint.interval=100000", *scaled_schedule()]
+    common = [
+        f"run.dir={run_dir}",
+        f"data.cache_dir={data_cache}",
+        "logging.interval=1",
+        "checkpoint.interval=100000",
+        *scaled_schedule(),
+    ]
     checkpoint = run_dir / "checkpoints"
 
     # Stage 1: from scratch, through the warm-up and the batch ramp, to the stage-1 end
@@ -144,9 +152,22 @@ def test_three_stages_in_order_on_one_run_directory(tmp_path, data_cache, mimo_l
 
     # Stage 3: 2 processes with context and expert parallelism 2, 8x the context, 1/8 the batch; resumes and
     # reshards
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "-m", "mimo.train", "--config-name", "miniature", *common, "miniature_stage=stage3", "parallel.cp=2",
-               "parallel.ep=2"]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "mimo.train",
+        "--config-name",
+        "miniature",
+        *common,
+        "miniature_stage=stage3",
+        "parallel.cp=2",
+        "parallel.ep=2",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     job = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     output = job.stdout + job.stderr

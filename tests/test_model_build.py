@@ -4,7 +4,6 @@ import dataclasses
 
 import pytest
 import torch
-
 from megatron.core.models.backends import LocalSpecProvider
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.moe.router import TopKRouter
@@ -96,6 +95,7 @@ def test_grouped_gemm_needs_transformer_engine(single_rank, tiny):
 def test_sink_layers_under_context_parallelism_use_mimo_attention_on_either_backend():
     """Transformer Engine cannot take a sink under tp 4 x cp 8 (its all-to-all mode splits the 8 KV heads over
     cp), so sink layers switch to mimo's all-gather attention whenever cp > 1; global layers keep the backend's."""
+
     class BackendAttention:  # stands in for TEDotProductAttention, which needs a GPU
         pass
 

@@ -11,10 +11,12 @@ and expert parallelism 2, each rank loading only its slice of the Hub tensors.
 import os
 
 import pytest
+import tiny_hub
 import torch
 import torch.multiprocessing as mp
 from megatron.core import dist_checkpointing
 from safetensors.torch import load_file, save_file
+from tiny_hub import FULL, SLIDING, mtp_block_tensors
 from transformers import MiMoV2FlashConfig, MiMoV2FlashForCausalLM, MiMoV2FlashModel
 from transformers.models.mimo_v2_flash.modeling_mimo_v2_flash import MiMoV2FlashRMSNorm
 
@@ -23,8 +25,6 @@ from mimo.model.config import ModelConfig, PrecisionConfig
 from mimo.model.hf_mapping import ShardLayout, hf_config_to_mimo, hf_to_mimo, mimo_config_to_hf, mimo_to_hf
 from mimo.parallel.config import ParallelConfig
 from mimo.parallel.runtime import free_port, initialize, shutdown
-import tiny_hub
-from tiny_hub import FULL, SLIDING, mtp_block_tensors
 
 SEQ = 40
 BATCH = 2

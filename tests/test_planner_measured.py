@@ -36,8 +36,8 @@ that runs without DeepSpeed, since CI does not install it).
 import json
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Dict, Iterator
 
 import pytest
 import torch
@@ -83,10 +83,9 @@ class SavedTensors:
     def __init__(self, modules) -> None:
         # nn.Module.buffers: megatron's DDP wrapper shadows ``buffers`` with its gradient buffers
         self._excluded = {
-            t.untyped_storage().data_ptr()
-            for m in modules for t in [*m.parameters(), *torch.nn.Module.buffers(m)]
+            t.untyped_storage().data_ptr() for m in modules for t in [*m.parameters(), *torch.nn.Module.buffers(m)]
         }
-        self._saved: Dict[int, torch.UntypedStorage] = {}
+        self._saved: dict[int, torch.UntypedStorage] = {}
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda tensor: tensor)
 
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -125,12 +124,16 @@ def _master_groups(part) -> list:
     return getattr(part, "fp32_from_float16_groups", None) or getattr(part, "shard_fp32_from_float16_groups", [])
 
 
-def measure(cfg: MimoConfig) -> Dict[str, int]:
+def measure(cfg: MimoConfig) -> dict[str, int]:
     """One training step of ``cfg`` on this rank's process group, built as train/loop.py builds it; the bytes by
     part (see the module docstring). Leaves the parallel state up (the caller shuts it down)."""
     runtime = initialize(
-        cfg.parallel, cfg.model, seed=0, global_batch_size=cfg.train.global_batch_size,
-        micro_batch_size=cfg.train.micro_batch_size, seq_length=cfg.train.seq_length,
+        cfg.parallel,
+        cfg.model,
+        seed=0,
+        global_batch_size=cfg.train.global_batch_size,
+        micro_batch_size=cfg.train.micro_batch_size,
+        seq_length=cfg.train.seq_length,
     )
     chunks = build_model(cfg.model, cfg.parallel, cfg.precision, seq_length=cfg.train.seq_length)
     config = chunks[0].config
@@ -142,9 +145,14 @@ def measure(cfg: MimoConfig) -> Dict[str, int]:
 
     with SavedTensors(chunks) as saved:
         train_step(
-            chunks, optimizer, [_batches(cfg)], config,
+            chunks,
+            optimizer,
+            [_batches(cfg)],
+            config,
             num_microbatches=cfg.train.global_batch_size // (cfg.train.micro_batch_size * runtime.layout.dp),
-            micro_batch_size=cfg.train.micro_batch_size, seq_length=cfg.train.seq_length, device=runtime.device,
+            micro_batch_size=cfg.train.micro_batch_size,
+            seq_length=cfg.train.seq_length,
+            device=runtime.device,
         )
 
     params = [p for chunk in chunks for p in chunk.parameters()]
@@ -172,7 +180,7 @@ def measure(cfg: MimoConfig) -> Dict[str, int]:
 
 @dataclass(frozen=True)
 class Compared:
-    measured: Dict[str, int]
+    measured: dict[str, int]
     planned: StageMemory
 
 
@@ -182,15 +190,18 @@ VARIANTS = {
     # grouped KV heads on SWA layers (keys and values broadcast per query head), a window not dividing the
     # sequence, and global layers with a sink (the local attention's window spanning the sequence)
     "gqa_window40_ga_sink": (
-        "model.swa_num_key_value_heads=2", "model.sliding_window=40", "model.add_full_attention_sink_bias=true",
+        "model.swa_num_key_value_heads=2",
+        "model.sliding_window=40",
+        "model.add_full_attention_sink_bias=true",
     ),
 }
 
 
 @pytest.fixture(scope="module", params=sorted(VARIANTS))
 def single_rank(request):
-    cfg = tiny(*VARIANTS[request.param], f"train.global_batch_size={MICRO_BATCH}",
-               "parallel.distributed_optimizer=false")
+    cfg = tiny(
+        *VARIANTS[request.param], f"train.global_batch_size={MICRO_BATCH}", "parallel.distributed_optimizer=false"
+    )
     try:
         measured = measure(cfg)
     finally:
@@ -234,8 +245,9 @@ def test_flash_attention_estimate_would_miss_the_cpu_scores(single_rank):
 
 def _two_rank_worker(rank: int, port: int, out_dir: str, overrides: tuple) -> None:
     torch.set_num_threads(1)  # two ranks share the machine's cores
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD_SIZE), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(WORLD_SIZE), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     try:
         result = measure(tiny(*overrides))
     finally:
@@ -302,8 +314,9 @@ def expected_matmul_flops(model: ModelConfig, batch: int, seq: int) -> int:
 @pytest.fixture(scope="module")
 def built_tiny():
     cfg = tiny()
-    initialize(cfg.parallel, cfg.model, seed=0, global_batch_size=MICRO_BATCH, micro_batch_size=MICRO_BATCH,
-               seq_length=SEQ)
+    initialize(
+        cfg.parallel, cfg.model, seed=0, global_batch_size=MICRO_BATCH, micro_batch_size=MICRO_BATCH, seq_length=SEQ
+    )
     try:
         model = build_model(cfg.model, cfg.parallel, cfg.precision, seq_length=SEQ)[0]
         ids = torch.randint(0, cfg.model.vocab_size, (MICRO_BATCH, SEQ))

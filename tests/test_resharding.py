@@ -4,7 +4,8 @@ on exactly as if it had never stopped.
 Each pair trains the tiny MiMo (MTP on, FP32) for 2 steps under one layout (``train.stop_after_steps=2``, which
 saves a checkpoint), then resumes the same run directory under another layout for step 3: TP2 x EP2 -> PP2 x DP2
 on 4 ranks, DP2 (distributed optimizer) -> one rank, EP2 -> TP2, CP2 (optimizer state sharded over the two
-context-parallel ranks) -> EP2, and PP2 x VPP2 -> EP2 with the allgather dispatcher. Against one uninterrupted single-rank run of the 3 steps: the resumed run says it resumed and what
+context-parallel ranks) -> EP2, and PP2 x VPP2 -> EP2 with the allgather dispatcher. Against one uninterrupted
+single-rank run of the 3 steps: the resumed run says it resumed and what
 changed; the losses and gradient norms of all 3 steps match (steps 1-2 under the first layout, step 3 under the
 second); and every tensor of the checkpoints at step 2 and step 3 (weights, expert biases, Adam moments in the
 fully reshardable format) matches. Step 3 is the first step whose loss sees a real update, and its Adam update
@@ -15,10 +16,8 @@ of sums agree to about 1e-7 in the metrics and 1e-6 in the tensors; loading a ch
 """
 
 from dataclasses import dataclass
-from typing import List
 
 import pytest
-
 from layout_runs import Run, run_group, run_single, tensor_differences, worst_metric_difference
 
 TOLERANCE = 1e-5
@@ -30,10 +29,10 @@ FIRST_PART = ("train.stop_after_steps=2",)
 class Move:
     name: str
     ranks_before: int
-    before: List[str]
+    before: list[str]
     ranks_after: int
-    after: List[str]
-    changes: List[str]
+    after: list[str]
+    changes: list[str]
     """What the resume log must report as changed."""
 
 

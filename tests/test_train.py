@@ -46,7 +46,11 @@ def uninterrupted(tmp_path_factory, data_cache):
 def test_main_job_learns_and_writes_its_outputs(tmp_path, data_cache):
     steps = 40
     job = launch(
-        tmp_path, data_cache, f"train.steps={steps}", "logging.interval=5", "checkpoint.interval=20",
+        tmp_path,
+        data_cache,
+        f"train.steps={steps}",
+        "logging.interval=5",
+        "checkpoint.interval=20",
         "logging.wandb=offline",
     )
     output, _ = job.communicate(timeout=600)
@@ -149,12 +153,19 @@ def test_the_log_says_which_datasets_fed_each_interval(tmp_path, data_cache):
     from mimo.data.preprocess import preprocess
 
     corpus = tmp_path / "reversed.jsonl"
-    corpus.write_text("".join(json.dumps({"text": f"{i} " + "elpmas desrever a si siht " * 40}) + "\n" for i in range(300)))
+    corpus.write_text(
+        "".join(json.dumps({"text": f"{i} " + "elpmas desrever a si siht " * 40}) + "\n" for i in range(300))
+    )
     preprocess(PreprocessConfig(inputs=[str(corpus)], output=str(tmp_path / "reversed"), workers=1))
     steps, interval = 4, 2
     run_training(
-        tiny(tmp_path / "run", data_cache, f"train.steps={steps}", f"logging.interval={interval}",
-             f'data.blend=["0.5 mimo:jargon", "0.5 {tmp_path / "reversed"}"]')
+        tiny(
+            tmp_path / "run",
+            data_cache,
+            f"train.steps={steps}",
+            f"logging.interval={interval}",
+            f'data.blend=["0.5 mimo:jargon", "0.5 {tmp_path / "reversed"}"]',
+        )
     )
     logged = read_metrics(tmp_path / "run")
     global_batch = load_config().train.global_batch_size

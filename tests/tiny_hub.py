@@ -12,7 +12,6 @@ often (not always) coincide: the MTP acceptance rate of this random model is nei
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -57,7 +56,7 @@ class TinyHub:
     hnorm: MiMoV2FlashRMSNorm
     eh_proj: torch.nn.Linear
     mtp_body: MiMoV2FlashModel
-    tensors: Dict[str, torch.Tensor]
+    tensors: dict[str, torch.Tensor]
     """Every tensor of the checkpoint, Hub-named, as written."""
 
     @torch.no_grad()
@@ -73,7 +72,7 @@ class TinyHub:
         return self.model.lm_head(self.mtp_body(inputs_embeds=fused).last_hidden_state)
 
 
-def mtp_block_tensors(enorm, hnorm, eh_proj, body) -> Dict[str, torch.Tensor]:
+def mtp_block_tensors(enorm, hnorm, eh_proj, body) -> dict[str, torch.Tensor]:
     """MTP block 0 in the Hub's naming, from transformers modules: ``body`` is a one-layer MiMoV2FlashModel
     whose layer is the block's SWA + dense-FFN layer and whose final norm is the block's final_layernorm."""
     prefix = "model.mtp.layers.0."

@@ -11,19 +11,20 @@ import logging
 import os
 import random
 import shutil
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, tensor_parallel
-from torch.distributed.checkpoint import FileSystemReader
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.validation import StrictHandling
 from megatron.core.distributed import DistributedDataParallel
 from megatron.core.optimizer import MegatronOptimizer
+from torch.distributed.checkpoint import FileSystemReader
 
 from mimo.model.config import ModelConfig
 
@@ -82,7 +83,7 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:07d}"
 
 
-def latest_checkpoint(ckpt_dir: str) -> Optional[Path]:
+def latest_checkpoint(ckpt_dir: str) -> Path | None:
     """The newest complete checkpoint under ``ckpt_dir``, or None for a fresh run."""
     pointer = Path(ckpt_dir) / LATEST_FILE
     if not pointer.exists():
@@ -96,7 +97,7 @@ def latest_checkpoint(ckpt_dir: str) -> Optional[Path]:
     return path
 
 
-def read_meta(path: Path) -> Dict[str, Any]:
+def read_meta(path: Path) -> dict[str, Any]:
     try:
         meta = json.loads((path / META_FILE).read_text())
     except (OSError, json.JSONDecodeError) as err:
@@ -108,7 +109,7 @@ def read_meta(path: Path) -> Dict[str, Any]:
     return meta
 
 
-def check_model_compatible(meta: Dict[str, Any], model: ModelConfig, path: Path) -> None:
+def check_model_compatible(meta: dict[str, Any], model: ModelConfig, path: Path) -> None:
     """Refuse a checkpoint whose tensors cannot fit the configured model, naming every differing key."""
     saved = meta.get("model", {})
     current = asdict(model)
@@ -130,7 +131,7 @@ def _unwrapped(chunk: torch.nn.Module) -> torch.nn.Module:
     return chunk.module if isinstance(chunk, DistributedDataParallel) else chunk
 
 
-def _model_sharded_state_dict(model_chunks: Sequence[torch.nn.Module]) -> Dict[str, Any]:
+def _model_sharded_state_dict(model_chunks: Sequence[torch.nn.Module]) -> dict[str, Any]:
     # Layer keys inside are global (megatron offsets them per pipeline stage), so the nesting by chunk does
     # not tie the checkpoint to a pipeline layout.
     # An empty metadata dict is filled in place with the data-parallel group, which the MTP block's tied
@@ -138,7 +139,7 @@ def _model_sharded_state_dict(model_chunks: Sequence[torch.nn.Module]) -> Dict[s
     return {f"model{i}": _unwrapped(chunk).sharded_state_dict(metadata={}) for i, chunk in enumerate(model_chunks)}
 
 
-def _rng_state() -> Dict[str, Any]:
+def _rng_state() -> dict[str, Any]:
     return {
         "python": random.getstate(),
         "numpy": np.random.get_state(),
@@ -148,7 +149,7 @@ def _rng_state() -> Dict[str, Any]:
     }
 
 
-def _set_rng_state(state: Dict[str, Any]) -> None:
+def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -157,21 +158,19 @@ def _set_rng_state(state: Dict[str, Any]) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["model_parallel"])
 
 
-def _rng_sharded_object(state: Optional[Dict[str, Any]]) -> ShardedObject:
+def _rng_sharded_object(state: dict[str, Any] | None) -> ShardedObject:
     """RNG streams are per rank, so they are saved as one object per global rank."""
-    return ShardedObject(
-        "rng_state", state, (dist.get_world_size(),), (dist.get_rank(),), replica_id=0
-    )
+    return ShardedObject("rng_state", state, (dist.get_world_size(),), (dist.get_rank(),), replica_id=0)
 
 
 def save_checkpoint(
     ckpt_dir: str,
     state: TrainState,
     model_chunks: Sequence[torch.nn.Module],
-    optimizer: Optional[MegatronOptimizer],
+    optimizer: MegatronOptimizer | None,
     model_config: ModelConfig,
-    layout: Dict[str, Any],
-    run: Dict[str, Any],
+    layout: dict[str, Any],
+    run: dict[str, Any],
     keep: int,
     permanent: bool = False,
 ) -> Path:
@@ -187,9 +186,7 @@ def save_checkpoint(
 
     sharded = _model_sharded_state_dict(model_chunks)
     if optimizer is not None:
-        sharded["optimizer"] = optimizer.sharded_state_dict(
-            sharded, is_loading=False, metadata=OPTIMIZER_SHARDING
-        )
+        sharded["optimizer"] = optimizer.sharded_state_dict(sharded, is_loading=False, metadata=OPTIMIZER_SHARDING)
     sharded["rng_state"] = _rng_sharded_object(_rng_state())
     dist_checkpointing.save(sharded, str(partial), content_metadata=OPTIMIZER_SHARDING)
 
@@ -235,9 +232,9 @@ def _remove_old(root: Path, keep: int, newest: str) -> None:
 def load_checkpoint(
     path: Path,
     model_chunks: Sequence[torch.nn.Module],
-    optimizer: Optional[MegatronOptimizer],
+    optimizer: MegatronOptimizer | None,
     model_config: ModelConfig,
-    layout: Dict[str, Any],
+    layout: dict[str, Any],
 ) -> TrainState:
     """Load everything a resume needs, or raise CheckpointError having changed nothing.
 
@@ -254,9 +251,7 @@ def load_checkpoint(
     if load_optimizer:
         _allocate_optimizer_state(optimizer)
         content_metadata = dist_checkpointing.load_content_metadata(str(path)) or OPTIMIZER_SHARDING
-        sharded["optimizer"] = optimizer.sharded_state_dict(
-            sharded, is_loading=True, metadata=content_metadata
-        )
+        sharded["optimizer"] = optimizer.sharded_state_dict(sharded, is_loading=True, metadata=content_metadata)
     if same_layout:
         sharded["rng_state"] = _rng_sharded_object(None)
     try:
@@ -289,7 +284,7 @@ def verify_files(path: Path) -> None:
         storage = FileSystemReader(str(path)).read_metadata().storage_data
     except Exception as err:  # a missing or unreadable .metadata file
         raise CheckpointError(f"cannot read the shard index of {path}: {err}") from err
-    needed: Dict[str, int] = {}
+    needed: dict[str, int] = {}
     for info in storage.values():
         needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
     for name, size in sorted(needed.items()):
@@ -297,7 +292,8 @@ def verify_files(path: Path) -> None:
         actual = shard.stat().st_size if shard.exists() else None
         if actual is None or actual < size:
             raise CheckpointError(
-                f"checkpoint shard {shard} is {'missing' if actual is None else f'truncated ({actual} of {size} bytes)'}; "
+                f"checkpoint shard {shard} is "
+                f"{'missing' if actual is None else f'truncated ({actual} of {size} bytes)'}; "
                 "the checkpoint is damaged: restore it or point checkpoint.dir at another one"
             )
 
@@ -316,8 +312,6 @@ def _allocate_optimizer_state(optimizer: MegatronOptimizer) -> None:
                 inner.state[param].setdefault("step", torch.zeros((), dtype=torch.float32))
 
 
-def describe_changes(saved: Dict[str, Any], current: Dict[str, Any], separator: str = ": ") -> List[str]:
+def describe_changes(saved: dict[str, Any], current: dict[str, Any], separator: str = ": ") -> list[str]:
     """``key: old -> new`` for every setting of ``current`` that differs from what the checkpoint saved."""
-    return [
-        f"{key}{separator}{saved.get(key)} -> {value}" for key, value in current.items() if saved.get(key) != value
-    ]
+    return [f"{key}{separator}{saved.get(key)} -> {value}" for key, value in current.items() if saved.get(key) != value]

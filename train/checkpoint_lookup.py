@@ -1,7 +1,6 @@
 """Finding a checkpoint from what a user points at, and reading what it says about itself without loading it."""
 
 from pathlib import Path
-from typing import Optional
 
 from torch.distributed.checkpoint import FileSystemReader
 
@@ -29,7 +28,7 @@ def resolve_checkpoint(path: Path) -> Path:
     )
 
 
-def run_config_file(checkpoint: Path) -> Optional[Path]:
+def run_config_file(checkpoint: Path) -> Path | None:
     """The resolved recipe of the run that wrote ``checkpoint`` (``<run.dir>/config.yaml``), when it is there."""
     for directory in (checkpoint.parent.parent, checkpoint.parent):
         if (directory / RUN_CONFIG_FILE).exists():

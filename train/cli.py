@@ -2,7 +2,7 @@
 
 import os
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from mimo.model.config import ModelConfigError
 from mimo.parallel.layout import LayoutError, validate_layout
@@ -17,12 +17,16 @@ def preflight(cfg: MimoConfig) -> None:
     cfg.model.validate()
     world_size = launch_env(os.environ, default_port=cfg.parallel.master_port).world_size
     validate_layout(
-        cfg.parallel, cfg.model, world_size, global_batch_size=cfg.train.global_batch_size,
-        micro_batch_size=cfg.train.micro_batch_size, seq_length=cfg.train.seq_length,
+        cfg.parallel,
+        cfg.model,
+        world_size,
+        global_batch_size=cfg.train.global_batch_size,
+        micro_batch_size=cfg.train.micro_batch_size,
+        seq_length=cfg.train.seq_length,
     )
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = recipe_argument_parser("mimo-train", "Pre-train a MiMo-V2-Flash-shaped model with megatron-core.")
     args = parser.parse_args(argv)
     try:
@@ -42,7 +46,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from mimo.train.schedule import ScheduleError
 
     user_errors = (
-        ConfigError, LayoutError, LaunchError, ModelConfigError, DataError, CheckpointError, ScheduleError,
+        ConfigError,
+        LayoutError,
+        LaunchError,
+        ModelConfigError,
+        DataError,
+        CheckpointError,
+        ScheduleError,
         UnsupportedMegatronVersion,
     )
     try:

@@ -14,16 +14,16 @@ import shlex
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
 
 COMPARED = ("loss", "lm_loss", "mtp_loss", "aux_loss", "grad_norm")
 
 
 @dataclass
 class Layout:
-    overrides: List[str]
+    overrides: list[str]
     nproc: int
 
     @property
@@ -37,26 +37,36 @@ class RunFailed(RuntimeError):
 
 def run_layout(
     layout: Layout, common: Sequence[str], run_dir: str, *, config_name: str = "config", timeout_s: int = 600
-) -> List[Dict[str, float]]:
+) -> list[dict[str, float]]:
     """Run mimo-train under ``layout`` logging every step; returns the metrics records of this invocation."""
     metrics = Path(run_dir) / "metrics.jsonl"
     seen = len(metrics.read_text().splitlines()) if metrics.exists() else 0
     command = [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={layout.nproc}",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc-per-node={layout.nproc}",
         "--standalone",
-        "-m", "mimo.train", "--config-name", config_name,
-        f"run.dir={run_dir}", "logging.interval=1", *common, *layout.overrides,
+        "-m",
+        "mimo.train",
+        "--config-name",
+        config_name,
+        f"run.dir={run_dir}",
+        "logging.interval=1",
+        *common,
+        *layout.overrides,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, env=env)
     if done.returncode != 0:
         raise RunFailed(
-            f"{layout.label} failed (exit {done.returncode}):\n{shlex.join(command)}\n{done.stdout[-4000:]}\n{done.stderr[-8000:]}"
+            f"{layout.label} failed (exit {done.returncode}):\n{shlex.join(command)}\n"
+            f"{done.stdout[-4000:]}\n{done.stderr[-8000:]}"
         )
     return [json.loads(line) for line in metrics.read_text().splitlines()[seen:]]
 
 
-def relative_differences(a: List[Dict[str, float]], b: List[Dict[str, float]]) -> Dict[str, List[float]]:
+def relative_differences(a: list[dict[str, float]], b: list[dict[str, float]]) -> dict[str, list[float]]:
     """Per compared metric, |a - b| / max(|a|, tiny) step by step."""
     if [r["step"] for r in a] != [r["step"] for r in b]:
         raise ValueError(f"the runs logged different steps: {[r['step'] for r in a]} vs {[r['step'] for r in b]}")
@@ -67,14 +77,19 @@ def relative_differences(a: List[Dict[str, float]], b: List[Dict[str, float]]) -
     }
 
 
-def compare(a: Layout, b: Layout, common: Sequence[str], workdir: Optional[str] = None, **kwargs) -> Dict[str, List[float]]:
+def compare(
+    a: Layout, b: Layout, common: Sequence[str], workdir: str | None = None, **kwargs
+) -> dict[str, list[float]]:
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         shared_cache = f"data.cache_dir={tmp}/data_cache"
-        runs = [run_layout(layout, [*common, shared_cache], f"{tmp}/{name}", **kwargs) for name, layout in (("a", a), ("b", b))]
+        runs = [
+            run_layout(layout, [*common, shared_cache], f"{tmp}/{name}", **kwargs)
+            for name, layout in (("a", a), ("b", b))
+        ]
     return relative_differences(*runs)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--a", default="", help="overrides of layout A (quoted, space separated)")
     parser.add_argument("--b", required=True, help="overrides of layout B")

@@ -1,7 +1,6 @@
 """Run, training, optimizer, checkpoint and logging settings."""
 
 from dataclasses import dataclass
-from typing import Optional
 
 
 @dataclass
@@ -19,7 +18,7 @@ class TrainConfig:
     micro_batch_size: int = 4
     """Sequences per forward/backward pass on one rank."""
     seq_length: int = 128
-    stop_after_steps: Optional[int] = None
+    stop_after_steps: int | None = None
     """Stop (after saving a checkpoint) once the run has reached this step, while every schedule still follows
     train.steps: for jobs sliced by a time limit, and for resume tests."""
 
@@ -39,7 +38,7 @@ class OptimConfig:
 
 @dataclass
 class CheckpointConfig:
-    dir: Optional[str] = None
+    dir: str | None = None
     """None means <run.dir>/checkpoints."""
     interval: int = 100
     """Save every this many steps (and always at the end and on SIGTERM/SIGINT)."""

@@ -13,8 +13,8 @@ import logging
 import os
 import re
 import sys
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, List, Optional, Sequence
 
 import torch
 from omegaconf import OmegaConf
@@ -86,13 +86,13 @@ def imported_model_config(
     return hf_config_to_mimo(hf_config, base=base)
 
 
-def _listing(title: str, entries: List[str]) -> str:
+def _listing(title: str, entries: list[str]) -> str:
     shown = entries[:LISTED_NAMES]
     more = f"\n    ... and {len(entries) - len(shown)} more" if len(entries) > len(shown) else ""
     return f"  {title} ({len(entries)}):\n    " + "\n    ".join(shown) + more
 
 
-def check_tensors(hf: HFCheckpoint, cfg: ModelConfig) -> List[str]:
+def check_tensors(hf: HFCheckpoint, cfg: ModelConfig) -> list[str]:
     """Compare the checkpoint's tensors (names and shapes, headers only) with the model's; raise ConvertError
     listing every problem. Returns the MTP tensors beyond ``cfg.mtp_num_layers`` that the import leaves out."""
     expected = hub_tensor_shapes(cfg)
@@ -211,7 +211,7 @@ def _write_run_files(cfg: MimoConfig, out_dir: Path, config_name: str) -> None:
 
 def export_hf(
     ckpt_dir: Path, out_dir: Path, max_shard_bytes: int = int(DEFAULT_MAX_SHARD_GB * BYTES_PER_GB)
-) -> List[Path]:
+) -> list[Path]:
     """Write the latest (or the named) checkpoint as an HF directory; returns the files written."""
     from transformers import MiMoV2FlashConfig
 
@@ -276,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

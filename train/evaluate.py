@@ -29,10 +29,10 @@ import json
 import math
 import os
 import sys
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -74,11 +74,11 @@ class EvalResult:
     loss: float
     perplexity: float
     tokens: int
-    mtp_loss: Optional[float]
-    mtp_acceptance: Optional[float]
+    mtp_loss: float | None
+    mtp_acceptance: float | None
     mtp_tokens: int
-    mtp_loss_per_depth: List[float] = field(default_factory=list)
-    mtp_acceptance_per_depth: List[float] = field(default_factory=list)
+    mtp_loss_per_depth: list[float] = field(default_factory=list)
+    mtp_acceptance_per_depth: list[float] = field(default_factory=list)
     sequences: int = 0
     checkpoint: str = ""
     step: int = 0
@@ -101,8 +101,8 @@ def read_token_stream(path: Path, tokenizer) -> np.ndarray:
         raise EvalError(f"{path} does not exist; give a text file or a JSONL file with 'text' or 'input_ids'")
     if path.suffix not in JSONL_SUFFIXES:
         return encode_documents(tokenizer.hf, [path.read_text()], np.int64)[0]
-    documents: List[Optional[np.ndarray]] = []
-    texts: Dict[int, str] = {}
+    documents: list[np.ndarray | None] = []
+    texts: dict[int, str] = {}
     with path.open() as lines:
         for number, line in enumerate(lines, start=1):
             if not line.strip():
@@ -149,7 +149,7 @@ def _pad_to(sequences: Sequences, multiple: int) -> Sequences:
 
 def _micro_batches(
     sequences: Sequences, rows: range, micro_batch_size: int, device: torch.device
-) -> Iterator[Dict[str, torch.Tensor]]:
+) -> Iterator[dict[str, torch.Tensor]]:
     for start in range(rows.start, rows.stop, micro_batch_size):
         block = slice(start, start + micro_batch_size)
         tokens = torch.from_numpy(sequences.tokens[block])
@@ -161,7 +161,7 @@ def _micro_batches(
         }
 
 
-def statistics(batch: Dict[str, torch.Tensor], main: torch.Tensor, mtp: Sequence[torch.Tensor]) -> torch.Tensor:
+def statistics(batch: dict[str, torch.Tensor], main: torch.Tensor, mtp: Sequence[torch.Tensor]) -> torch.Tensor:
     """Sums over one micro-batch: [main CE, main tokens, then per MTP depth: CE, tokens, accepted drafts]."""
     labels, mask = batch["labels"], batch["loss_mask"].double()
     values = [_masked_ce(main, labels, mask), mask.sum()]
@@ -217,7 +217,7 @@ def _result(sums: torch.Tensor, depths: int, sequences: int, checkpoint: Path, s
     )
 
 
-def eval_overrides(checkpoint: Path, overrides: Sequence[str]) -> List[str]:
+def eval_overrides(checkpoint: Path, overrides: Sequence[str]) -> list[str]:
     """The command line's overrides, preceded by the run's tokenizer and sequence length when it does not set them."""
     run_config = run_config_file(checkpoint)
     if run_config is None:
@@ -308,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     stdout = sys.stdout
     try:

@@ -7,10 +7,11 @@ read only when it is asked for, so each rank of a converter touches only the ten
 
 import json
 import math
+from collections.abc import Iterable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -46,7 +47,7 @@ class ConvertError(ValueError):
 @dataclass(frozen=True)
 class TensorInfo:
     file: Path
-    shape: Tuple[int, ...]
+    shape: tuple[int, ...]
     dtype: str
     """safetensors' dtype name (F32, BF16, F8_E4M3, ...)."""
 
@@ -65,7 +66,7 @@ def read_hf_config(directory: Path):
     return MiMoV2FlashConfig(**_transformers_spelling(raw, path))
 
 
-def _transformers_spelling(raw: Dict[str, Any], path: Path) -> Dict[str, Any]:
+def _transformers_spelling(raw: dict[str, Any], path: Path) -> dict[str, Any]:
     if HUB_LAYER_PATTERN not in raw:
         return raw
     kwargs = {HUB_RENAMED.get(key, key): value for key, value in raw.items() if key not in HUB_DROPPED}
@@ -92,7 +93,7 @@ def _transformers_spelling(raw: Dict[str, Any], path: Path) -> Dict[str, Any]:
     return kwargs
 
 
-def _check_hub_only_keys(kwargs: Dict[str, Any], path: Path) -> None:
+def _check_hub_only_keys(kwargs: dict[str, Any], path: Path) -> None:
     """Hub keys that transformers' port (and mimo) fix to one value: consume them, refusing any other value."""
     allowed = {
         "swa_num_key_value_heads": (2 * kwargs.get("num_key_value_heads", 0),),
@@ -113,14 +114,14 @@ def _check_hub_only_keys(kwargs: Dict[str, Any], path: Path) -> None:
         raise ConvertError(f"{path}: settings mimo's MiMo-V2-Flash does not support: {'; '.join(wrong)}")
 
 
-def fp8_block(hf_config) -> Tuple[int, int]:
+def fp8_block(hf_config) -> tuple[int, int]:
     """The weight block of an FP8 checkpoint's ``quantization_config`` (128x128 when it names none)."""
     quant = getattr(hf_config, "quantization_config", None) or {}
     block = quant.get("weight_block_size") if isinstance(quant, dict) else None
     return tuple(block) if block else DEFAULT_FP8_BLOCK
 
 
-def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: Tuple[int, int]) -> torch.Tensor:
+def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
     """FP32 weight of a block-quantised one: every [block] tile of ``weight`` times its entry of ``scale_inv``
     (edge tiles are partial: the scale grid is ceil(rows / block[0]) x ceil(cols / block[1]))."""
     rows, cols = weight.shape
@@ -137,12 +138,12 @@ def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: Tuple[i
 class HFCheckpoint:
     """The safetensors files of one checkpoint directory (single file or sharded with an index)."""
 
-    def __init__(self, directory: Path, block: Tuple[int, int] = DEFAULT_FP8_BLOCK):
+    def __init__(self, directory: Path, block: tuple[int, int] = DEFAULT_FP8_BLOCK):
         self.directory = Path(directory)
         self.block = block
         self._stack = ExitStack()
-        self._handles: Dict[Path, Any] = {}
-        self.tensors: Dict[str, TensorInfo] = {}
+        self._handles: dict[Path, Any] = {}
+        self.tensors: dict[str, TensorInfo] = {}
         for file in self._files():
             handle = self._handle(file)
             for name in handle.keys():
@@ -155,7 +156,7 @@ class HFCheckpoint:
     def __exit__(self, *exc) -> None:
         self._stack.close()
 
-    def _files(self) -> List[Path]:
+    def _files(self) -> list[Path]:
         index = self.directory / INDEX_FILE
         if index.exists():
             try:
@@ -181,11 +182,11 @@ class HFCheckpoint:
     def is_quantized(self, name: str) -> bool:
         return self.tensors[name].dtype in FP8_DTYPES
 
-    def weights(self) -> Dict[str, Tuple[int, ...]]:
+    def weights(self) -> dict[str, tuple[int, ...]]:
         """Shape of every model tensor (FP8 scales are not model tensors: they belong to their weight)."""
         return {name: info.shape for name, info in self.tensors.items() if not name.endswith(QUANT_SCALE_SUFFIX)}
 
-    def quantization_problems(self) -> List[str]:
+    def quantization_problems(self) -> list[str]:
         """FP8 weights without a scale, scales without an FP8 weight, scales of the wrong grid."""
         problems = []
         for name, info in self.tensors.items():
@@ -210,7 +211,7 @@ class HFCheckpoint:
         return dequantize_fp8(tensor, self._handle(self.tensors[scale_name].file).get_tensor(scale_name), self.block)
 
 
-def hub_tensor_shapes(cfg: ModelConfig) -> Dict[str, Tuple[int, ...]]:
+def hub_tensor_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Name and shape of every tensor of a Hub-format checkpoint of this model, MTP blocks included: what
     ``save_pretrained`` writes plus ``model.mtp.layers.K.*``."""
     hidden, vocab = cfg.hidden_size, cfg.vocab_size
@@ -231,7 +232,7 @@ def hub_tensor_shapes(cfg: ModelConfig) -> Dict[str, Tuple[int, ...]]:
 
 def _layer_shapes(
     cfg: ModelConfig, prefix: str, kind: AttentionType, moe: bool, pre_mlp_norm: str
-) -> Dict[str, Tuple[int, ...]]:
+) -> dict[str, tuple[int, ...]]:
     hidden, heads, groups = cfg.hidden_size, cfg.num_attention_heads, cfg.num_kv_heads(kind)
     attn = f"{prefix}self_attn."
     shapes = {
@@ -253,7 +254,7 @@ def _layer_shapes(
     return shapes
 
 
-def _ffn_shapes(prefix: str, hidden: int, width: int) -> Dict[str, Tuple[int, ...]]:
+def _ffn_shapes(prefix: str, hidden: int, width: int) -> dict[str, tuple[int, ...]]:
     return {
         f"{prefix}gate_proj.weight": (width, hidden),
         f"{prefix}up_proj.weight": (width, hidden),
@@ -266,11 +267,11 @@ class _ShardWriter:
 
     def __init__(self, directory: Path, max_bytes: int):
         self.directory, self.max_bytes = directory, max_bytes
-        self.pending: Dict[str, torch.Tensor] = {}
+        self.pending: dict[str, torch.Tensor] = {}
         self.pending_bytes = 0
         self.total_bytes = 0
-        self.files: List[Path] = []
-        self.file_of: Dict[str, int] = {}
+        self.files: list[Path] = []
+        self.file_of: dict[str, int] = {}
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         nbytes = tensor.numel() * tensor.element_size()
@@ -289,8 +290,8 @@ class _ShardWriter:
 
 
 def save_sharded(
-    tensors: Iterable[Tuple[str, torch.Tensor]], directory: Path, max_shard_bytes: int, total: Optional[int] = None
-) -> List[Path]:
+    tensors: Iterable[tuple[str, torch.Tensor]], directory: Path, max_shard_bytes: int, total: int | None = None
+) -> list[Path]:
     """Write (name, tensor) pairs as safetensors files named as ``save_pretrained`` names them: one
     ``model.safetensors``, or ``model-0000i-of-0000n.safetensors`` plus the index; returns the files written."""
     directory = Path(directory)

@@ -6,9 +6,9 @@ import logging
 import resource
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence
 
 import torch
 from megatron.core import parallel_state
@@ -50,10 +50,10 @@ class RunSummary:
     """What a finished (or stopped) run reports back; tests compare these across layouts."""
 
     state: TrainState
-    losses: List[float]
-    grad_norms: List[float]
+    losses: list[float]
+    grad_norms: list[float]
     stopped_by_signal: bool
-    resumed_from: Optional[str]
+    resumed_from: str | None
 
 
 def describe_model(model: ModelConfig, seq_length: int) -> str:
@@ -122,7 +122,9 @@ def build_optimizer(cfg: MimoConfig, chunks, distributed_optimizer: bool) -> Meg
     )
 
 
-def apply_scheduled(values: ScheduledValues, optimizer: MegatronOptimizer, config: TransformerConfig, wd: float) -> None:
+def apply_scheduled(
+    values: ScheduledValues, optimizer: MegatronOptimizer, config: TransformerConfig, wd: float
+) -> None:
     """Scheduled values reach the modules through the shared TransformerConfig, read at every forward."""
     for group in optimizer.param_groups:
         group["lr"] = values.lr * group.get("lr_mult", 1.0)
@@ -132,7 +134,7 @@ def apply_scheduled(values: ScheduledValues, optimizer: MegatronOptimizer, confi
     config.moe_aux_loss_coeff = values.moe_aux_loss_coeff
 
 
-def chunk_iterators(iterator: Iterator, num_chunks: int) -> List[Iterator]:
+def chunk_iterators(iterator: Iterator, num_chunks: int) -> list[Iterator]:
     """Each virtual pipeline stage pulls every micro-batch once, so each gets its own view of one stream."""
     return [iterator] if num_chunks == 1 else list(itertools.tee(iterator, num_chunks))
 
@@ -146,15 +148,21 @@ def peak_memory_gib(device: torch.device) -> float:
 def data_stream_signature(cfg: MimoConfig, data: DataConfig) -> str:
     """What defines the sequence of training samples; the same signature continues the same stream."""
     return json.dumps(
-        {"blend": list(data.blend), "long_docs": asdict(data.long_docs), "tokenizer": data.tokenizer,
-         "seq_length": cfg.train.seq_length, "seed": cfg.run.seed, "split": data.split},
+        {
+            "blend": list(data.blend),
+            "long_docs": asdict(data.long_docs),
+            "tokenizer": data.tokenizer,
+            "seq_length": cfg.train.seq_length,
+            "seed": cfg.run.seed,
+            "split": data.split,
+        },
         sort_keys=True,
     )
 
 
 def _resume(
     cfg: MimoConfig, chunks, optimizer, layout: dict, stage: str, stream: str, record: dict
-) -> tuple[TrainState, Optional[str]]:
+) -> tuple[TrainState, str | None]:
     path = latest_checkpoint(cfg.checkpoint.dir)
     if path is None:
         logger.info("no checkpoint in %s: starting from scratch", cfg.checkpoint.dir)
@@ -164,11 +172,19 @@ def _resume(
     state = load_checkpoint(path, chunks, optimizer, cfg.model, layout)
     logger.info(
         "resumed from %s (step %d, %d samples, %d tokens)%s",
-        path, state.step, state.consumed_samples, state.consumed_tokens,
+        path,
+        state.step,
+        state.consumed_samples,
+        state.consumed_tokens,
         "; layout changed: " + ", ".join(layout_changes) if layout_changes else "",
     )
     if state.stage != stage:
-        logger.info("stage %r -> %r: %s", state.stage, stage, "; ".join(describe_changes(meta.get("run", {}), record, separator=" ")) or "same settings")
+        logger.info(
+            "stage %r -> %r: %s",
+            state.stage,
+            stage,
+            "; ".join(describe_changes(meta.get("run", {}), record, separator=" ")) or "same settings",
+        )
         state.stage = stage
     if state.data_stream != stream:
         logger.info(
@@ -264,7 +280,19 @@ def run_training(cfg: MimoConfig) -> RunSummary:
             cfg.run.dir, cfg.logging, OmegaConf.to_container(OmegaConf.structured(cfg)), runtime.is_main
         )
         return _loop(
-            cfg, runtime, chunks, optimizer, config, iterators, tally, schedule, state, writer, stop, layout, record,
+            cfg,
+            runtime,
+            chunks,
+            optimizer,
+            config,
+            iterators,
+            tally,
+            schedule,
+            state,
+            writer,
+            stop,
+            layout,
+            record,
             resumed_from,
         )
     finally:
@@ -275,25 +303,52 @@ def run_training(cfg: MimoConfig) -> RunSummary:
 
 
 def _loop(
-    cfg, runtime, chunks, optimizer, config, iterators, tally, schedule, state, writer, stop, layout, record, resumed_from
+    cfg,
+    runtime,
+    chunks,
+    optimizer,
+    config,
+    iterators,
+    tally,
+    schedule,
+    state,
+    writer,
+    stop,
+    layout,
+    record,
+    resumed_from,
 ):
-    losses: List[float] = []
-    grad_norms: List[float] = []
+    losses: list[float] = []
+    grad_norms: list[float] = []
     samples_per_microbatch = cfg.train.micro_batch_size * runtime.layout.dp
     interval_tokens, interval_start = 0, time.perf_counter()
     bar = tqdm(
-        total=cfg.train.steps, initial=state.step, disable=not (runtime.is_main and sys.stderr.isatty()),
-        desc="training", unit="step", dynamic_ncols=True,
+        total=cfg.train.steps,
+        initial=state.step,
+        disable=not (runtime.is_main and sys.stderr.isatty()),
+        desc="training",
+        unit="step",
+        dynamic_ncols=True,
     )
     stopped = False
     progress = StepProgress(runtime.is_main, cfg.logging.progress_seconds)
 
     def save(stage_end: bool) -> None:
         save_checkpoint(
-            cfg.checkpoint.dir, state, chunks, optimizer, cfg.model, layout, record, cfg.checkpoint.keep, permanent=stage_end
+            cfg.checkpoint.dir,
+            state,
+            chunks,
+            optimizer,
+            cfg.model,
+            layout,
+            record,
+            cfg.checkpoint.keep,
+            permanent=stage_end,
         )
         logger.info(
-            "saved checkpoint at step %d to %s%s", state.step, cfg.checkpoint.dir,
+            "saved checkpoint at step %d to %s%s",
+            state.step,
+            cfg.checkpoint.dir,
             f" (end of stage {state.stage!r}, kept)" if stage_end else "",
         )
 
@@ -303,7 +358,10 @@ def _loop(
         num_microbatches = values.global_batch_size // samples_per_microbatch
         progress.start(state.step + 1, num_microbatches * len(chunks))
         result: StepResult = train_step(
-            chunks, optimizer, iterators, config,
+            chunks,
+            optimizer,
+            iterators,
+            config,
             num_microbatches=num_microbatches,
             micro_batch_size=cfg.train.micro_batch_size,
             seq_length=cfg.train.seq_length,
@@ -321,20 +379,23 @@ def _loop(
 
         if state.step % cfg.logging.interval == 0 or state.step == cfg.train.steps or state.step == 1:
             elapsed = time.perf_counter() - interval_start
-            writer.log(state.step, {
-                "tokens": state.consumed_tokens,
-                "samples": state.consumed_samples,
-                "loss": result.loss,
-                "lm_loss": result.lm_loss,
-                "mtp_loss": result.mtp_loss,
-                "aux_loss": result.aux_loss,
-                "grad_norm": result.grad_norm,
-                "update_skipped": result.update_skipped,
-                **{key: value for key, value in asdict(values).items()},
-                "tokens_per_s": interval_tokens / max(elapsed, 1e-9),
-                "peak_memory_gib": peak_memory_gib(runtime.device),
-                "samples_per_dataset": tally.take(parallel_state.get_data_parallel_group(), runtime.device),
-            })
+            writer.log(
+                state.step,
+                {
+                    "tokens": state.consumed_tokens,
+                    "samples": state.consumed_samples,
+                    "loss": result.loss,
+                    "lm_loss": result.lm_loss,
+                    "mtp_loss": result.mtp_loss,
+                    "aux_loss": result.aux_loss,
+                    "grad_norm": result.grad_norm,
+                    "update_skipped": result.update_skipped,
+                    **{key: value for key, value in asdict(values).items()},
+                    "tokens_per_s": interval_tokens / max(elapsed, 1e-9),
+                    "peak_memory_gib": peak_memory_gib(runtime.device),
+                    "samples_per_dataset": tally.take(parallel_state.get_data_parallel_group(), runtime.device),
+                },
+            )
             interval_tokens, interval_start = 0, time.perf_counter()
 
         stopped = stop.agreed(runtime.device)
@@ -345,7 +406,8 @@ def _loop(
         if stopped or paused:
             logger.warning(
                 "stopped at step %d (%s); rerun the same command to resume",
-                state.step, "signal" if stopped else "train.stop_after_steps",
+                state.step,
+                "signal" if stopped else "train.stop_after_steps",
             )
             break
     bar.close()

@@ -8,8 +8,9 @@ import json
 import logging
 import os
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Dict, Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -33,7 +34,7 @@ CONSOLE_FIELDS = (
 
 
 class MetricsWriter:
-    def __init__(self, run_dir: str, cfg: LoggingConfig, run_config: Dict[str, Any], enabled: bool):
+    def __init__(self, run_dir: str, cfg: LoggingConfig, run_config: dict[str, Any], enabled: bool):
         if cfg.wandb not in WANDB_MODES:
             raise ValueError(f"logging.wandb={cfg.wandb!r}; choose one of {', '.join(WANDB_MODES)}")
         self.enabled = enabled
@@ -55,7 +56,7 @@ class MetricsWriter:
                 resume="allow",
             )
 
-    def log(self, step: int, values: Dict[str, Any]) -> None:
+    def log(self, step: int, values: dict[str, Any]) -> None:
         if not self.enabled:
             return
         record = {"step": step, **values}
@@ -65,7 +66,9 @@ class MetricsWriter:
         parts = [fmt.format(values[key]) for key, fmt in CONSOLE_FIELDS if values.get(key) is not None]
         if len(values.get("samples_per_dataset", {})) > 1:
             total = sum(values["samples_per_dataset"].values()) or 1
-            parts.append("data " + " ".join(f"{name} {n / total:.0%}" for name, n in values["samples_per_dataset"].items()))
+            parts.append(
+                "data " + " ".join(f"{name} {n / total:.0%}" for name, n in values["samples_per_dataset"].items())
+            )
         logger.info("step %d | tokens %d | %s", step, values.get("tokens", 0), " | ".join(parts))
 
     def close(self) -> None:
@@ -95,7 +98,7 @@ class DatasetTally:
         self._counts += torch.bincount(batch["dataset_id"], minlength=len(self.names)).to(torch.float64)
         return batch
 
-    def take(self, group, device: torch.device) -> Dict[str, int]:
+    def take(self, group, device: torch.device) -> dict[str, int]:
         counts = self._counts.to(device, copy=True)
         dist.all_reduce(counts, group=group)
         self._counts.zero_()
@@ -123,7 +126,10 @@ class StepProgress:
         if now - self._last >= self.every_seconds:
             self._last = now
             logger.info(
-                "step %d: micro-batch %d/%d after %.0f s", self.step, min(self.done, self.total), self.total,
+                "step %d: micro-batch %d/%d after %.0f s",
+                self.step,
+                min(self.done, self.total),
+                self.total,
                 now - self._start,
             )
 

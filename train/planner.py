@@ -31,8 +31,8 @@ Memory model (bytes per GPU on pipeline stage r, the largest stage decides):
 import json
 import math
 import sys
+from collections.abc import Sequence
 from dataclasses import asdict, astuple, dataclass, field, replace
-from typing import Dict, List, Optional, Sequence, Tuple
 
 from mimo.model import accounting
 from mimo.model.config import AttentionType, ModelConfig
@@ -71,7 +71,7 @@ class GpuSpec:
     gpus_per_node: int = 8
 
 
-GPUS: Dict[str, GpuSpec] = {
+GPUS: dict[str, GpuSpec] = {
     "h100": GpuSpec("H100 SXM 80GB", memory_gib=79.6, bf16_tflops=989.4, nvlink_gb_s=450.0, network_gb_s=50.0),
     "h200": GpuSpec("H200 SXM 141GB", memory_gib=140.4, bf16_tflops=989.4, nvlink_gb_s=450.0, network_gb_s=50.0),
     "b200": GpuSpec("B200 180GB", memory_gib=178.4, bf16_tflops=2250.0, nvlink_gb_s=900.0, network_gb_s=50.0),
@@ -103,12 +103,12 @@ class PlanError(ValueError):
 class Recompute:
     """The activation recomputation megatron-core is configured with (its own names and meanings)."""
 
-    granularity: Optional[str] = None
+    granularity: str | None = None
     """None | selective | full."""
-    method: Optional[str] = None
+    method: str | None = None
     """full only: uniform (checkpoint groups of num_layers) | block (recompute the first num_layers per chunk)."""
     num_layers: int = 1
-    modules: Tuple[str, ...] = ("core_attn",)
+    modules: tuple[str, ...] = ("core_attn",)
     """selective only: core_attn, layernorm, mlp, moe, moe_act."""
 
 
@@ -201,7 +201,7 @@ class StageMemory:
     """Bytes one GPU of pipeline stage ``stage`` needs, by part."""
 
     stage: int
-    layers: Tuple[int, ...]
+    layers: tuple[int, ...]
     """Decoder layers on the stage (over all its virtual chunks)."""
     in_flight: int
     """Micro-batches (chunks, with vpp) whose activations the stage holds at its peak."""
@@ -216,14 +216,19 @@ class StageMemory:
     @property
     def total(self) -> int:
         return (
-            self.weights + self.gradients + self.optimizer + self.activations + self.moe_dispatch + self.logits
+            self.weights
+            + self.gradients
+            + self.optimizer
+            + self.activations
+            + self.moe_dispatch
+            + self.logits
             + self.reserved
         )
 
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    stages: Tuple[StageMemory, ...]
+    stages: tuple[StageMemory, ...]
     capacity: int
     """Bytes of one GPU."""
 
@@ -378,7 +383,7 @@ def _layer_saved(model: ModelConfig, layer: int, shape: _Shape, recompute: Recom
 
 def _chunk_activations(
     model: ModelConfig, layers: Sequence[int], shape: _Shape, recompute: Recompute
-) -> Tuple[float, float]:
+) -> tuple[float, float]:
     """(bytes kept per micro-batch, bytes rematerialised at once during backward) for one model chunk."""
     full = [_layer_saved(model, layer, shape, recompute) for layer in layers]
     if recompute.granularity != "full" or not layers:
@@ -388,11 +393,11 @@ def _chunk_activations(
     if recompute.method == "block":
         recomputed = min(group, len(layers))
         return recomputed * layer_input + sum(full[recomputed:]), max(full[:recomputed], default=0.0)
-    groups = [full[start:start + group] for start in range(0, len(full), group)]
+    groups = [full[start : start + group] for start in range(0, len(full), group)]
     return len(groups) * layer_input, max(sum(g) for g in groups)
 
 
-def _last_stage_extras(model: ModelConfig, shape: _Shape, recompute: Recompute) -> Tuple[float, float]:
+def _last_stage_extras(model: ModelConfig, shape: _Shape, recompute: Recompute) -> tuple[float, float]:
     """(activations, logits) of the final norm, the MTP blocks and the loss heads for one micro-batch."""
     h, b, tokens = model.hidden_size, shape.act_bytes, shape.local_tokens
     final_norm = _norm_saved(model, shape, Recompute())  # its output is the LM head's input
@@ -415,7 +420,7 @@ def _last_stage_extras(model: ModelConfig, shape: _Shape, recompute: Recompute) 
     return activations, logits
 
 
-def _chunks(layout: ResolvedLayout) -> List[List[int]]:
+def _chunks(layout: ResolvedLayout) -> list[list[int]]:
     """Decoder layers of each model chunk in execution order: chunk c sits on pipeline rank c % pp."""
     vpp = layout.vpp or 1
     sizes = [layout.stage_layers[c % layout.pp] // vpp for c in range(layout.pp * vpp)]
@@ -456,8 +461,8 @@ def estimate_memory(
     world_size: int,
     gpu: GpuSpec = GPUS["h100"],
     settings: PlannerSettings = PlannerSettings(),
-    layout: Optional[ResolvedLayout] = None,
-    recompute: Optional[Recompute] = None,
+    layout: ResolvedLayout | None = None,
+    recompute: Recompute | None = None,
 ) -> MemoryEstimate:
     """Bytes per GPU by part for every pipeline stage of ``cfg`` on ``world_size`` ranks. The layout and the
     recomputation come from the config unless given; raises PlanError for a layout that cannot run."""
@@ -505,9 +510,7 @@ def estimate_memory(
                 in_flight=in_flight,
                 weights=round((dense + experts) * param_bytes + fp8_copies),
                 gradients=round((dense + experts) * FP32),
-                optimizer=round(
-                    (ADAM_MOMENTS * FP32 + master_copy) * (dense / dense_shards + experts / expert_shards)
-                ),
+                optimizer=round((ADAM_MOMENTS * FP32 + master_copy) * (dense / dense_shards + experts / expert_shards)),
                 activations=round(activations),
                 moe_dispatch=round(dispatch),
                 logits=round(logits),
@@ -559,7 +562,7 @@ def _context_parallel_bytes(
     return key_values * (forwards + 2)
 
 
-def communication(cfg: MimoConfig, layout: ResolvedLayout, gpu: GpuSpec) -> Tuple[Traffic, ...]:
+def communication(cfg: MimoConfig, layout: ResolvedLayout, gpu: GpuSpec) -> tuple[Traffic, ...]:
     model, recompute = cfg.model, recompute_of(cfg)
     act_bytes = BYTES[cfg.precision.dtype]
     local_tokens = cfg.train.micro_batch_size * cfg.train.seq_length / layout.cp
@@ -603,8 +606,12 @@ def communication(cfg: MimoConfig, layout: ResolvedLayout, gpu: GpuSpec) -> Tupl
     add("CP attention exchange", layout.cp, m * cp_volume, cp_between)
 
     tp_collectives = 2 * (forwards + 1) * (layers + dense_layers)  # all-gather + reduce-scatter per block
-    add("TP all-gather/reduce-scatter", layout.tp,
-        tp_collectives * m * full_tokens * hidden * (layout.tp - 1) / layout.tp, 0.0)
+    add(
+        "TP all-gather/reduce-scatter",
+        layout.tp,
+        tp_collectives * m * full_tokens * hidden * (layout.tp - 1) / layout.tp,
+        0.0,
+    )
 
     params = _stage_params(model, layout, max(range(layout.pp), key=lambda r: len(per_rank[r])))
     dense = params.tensor_parallel / layout.tp + params.replicated
@@ -627,13 +634,13 @@ def communication(cfg: MimoConfig, layout: ResolvedLayout, gpu: GpuSpec) -> Tupl
 @dataclass(frozen=True)
 class StageTime:
     name: str
-    recipe: Optional[str]
+    recipe: str | None
     start_tokens: int
     end_tokens: int
     seq_length: int
     tokens_per_s: float
     days: float
-    steps: Optional[int]
+    steps: int | None
     """Optimizer steps of the stage under its recipe's layout (None when that layout does not resolve)."""
     current: bool
     """The stage this recipe trains."""
@@ -649,7 +656,7 @@ class Suggestion:
 @dataclass(frozen=True)
 class Plan:
     recipe: str
-    overrides: Tuple[str, ...]
+    overrides: tuple[str, ...]
     gpu: GpuSpec
     world_size: int
     mfu: float
@@ -658,11 +665,11 @@ class Plan:
     params: accounting.ParameterCounts
     flops: accounting.FlopsPerToken
     memory: MemoryEstimate
-    traffic: Tuple[Traffic, ...]
+    traffic: tuple[Traffic, ...]
     tokens_per_s: float
     step_tokens: int
-    stages: Tuple[StageTime, ...]
-    suggestions: Tuple[Suggestion, ...] = field(default_factory=tuple)
+    stages: tuple[StageTime, ...]
+    suggestions: tuple[Suggestion, ...] = field(default_factory=tuple)
 
     @property
     def runs(self) -> bool:
@@ -709,10 +716,10 @@ def make_plan(
     return plan
 
 
-def _schedule(cfg: MimoConfig, world_size: int) -> Tuple[Schedule, Optional[int]]:
+def _schedule(cfg: MimoConfig, world_size: int) -> tuple[Schedule, int | None]:
     """The run's schedule and batch unit (None when the layout does not resolve: then unit = micro batch)."""
     try:
-        unit: Optional[int] = cfg.train.micro_batch_size * resolve_layout(cfg, world_size).dp
+        unit: int | None = cfg.train.micro_batch_size * resolve_layout(cfg, world_size).dp
     except PlanError:
         unit = None
     try:
@@ -728,7 +735,7 @@ def _override_key(override: str) -> str:
 
 def _stage_times(
     cfg: MimoConfig, world_size: int, gpu: GpuSpec, settings: PlannerSettings, overrides: Sequence[str]
-) -> Tuple[StageTime, ...]:
+) -> tuple[StageTime, ...]:
     """Every stage of the schedule, each estimated from its own recipe when the schedule names one (with this
     run's overrides, except those the stage's recipe entry sets itself), else from this recipe."""
     schedule, _ = _schedule(cfg, world_size)
@@ -771,16 +778,18 @@ SELECTIVE_RECOMPUTE = Recompute(granularity="selective", modules=("layernorm", "
 @dataclass(frozen=True)
 class _Change:
     label: str
-    values: Dict[str, object] = field(default_factory=dict)
+    values: dict[str, object] = field(default_factory=dict)
     """Dotted config keys and their new values."""
-    recompute: Optional[Recompute] = None
+    recompute: Recompute | None = None
 
 
-def _candidate_changes(cfg: MimoConfig) -> List[_Change]:
+def _candidate_changes(cfg: MimoConfig) -> list[_Change]:
     """Single changes that lower the memory per GPU."""
     p, t = cfg.parallel, cfg.train
-    changes = [_Change(f"parallel.{key}={getattr(p, key) * 2}", {f"parallel.{key}": getattr(p, key) * 2})
-               for key in ("pp", "ep", "tp", "cp")]
+    changes = [
+        _Change(f"parallel.{key}={getattr(p, key) * 2}", {f"parallel.{key}": getattr(p, key) * 2})
+        for key in ("pp", "ep", "tp", "cp")
+    ]
     if t.micro_batch_size > 1:
         half = t.micro_batch_size // 2
         changes.append(_Change(f"train.micro_batch_size={half}", {"train.micro_batch_size": half}))
@@ -795,8 +804,8 @@ def _candidate_changes(cfg: MimoConfig) -> List[_Change]:
     return changes
 
 
-def _with_changes(cfg: MimoConfig, values: Dict[str, object]) -> MimoConfig:
-    sections: Dict[str, Dict[str, object]] = {}
+def _with_changes(cfg: MimoConfig, values: dict[str, object]) -> MimoConfig:
+    sections: dict[str, dict[str, object]] = {}
     for key, value in values.items():
         section, name = key.split(".")
         sections.setdefault(section, {})[name] = value
@@ -805,14 +814,17 @@ def _with_changes(cfg: MimoConfig, values: Dict[str, object]) -> MimoConfig:
 
 def suggest(
     cfg: MimoConfig, *, world_size: int, gpu: GpuSpec, settings: PlannerSettings = PlannerSettings()
-) -> Tuple[Suggestion, ...]:
+) -> tuple[Suggestion, ...]:
     """Each single change (and twice the GPUs) that gives a valid layout, with the peak it leads to; the ones
     that fit first."""
     options = []
     for change in _candidate_changes(cfg):
         try:
             estimate = estimate_memory(
-                _with_changes(cfg, change.values), world_size=world_size, gpu=gpu, settings=settings,
+                _with_changes(cfg, change.values),
+                world_size=world_size,
+                gpu=gpu,
+                settings=settings,
                 recompute=change.recompute,
             )
         except PlanError:
@@ -921,8 +933,10 @@ def format_plan(plan: Plan) -> str:
         )
     lines += ["", f"{'communication per step and GPU':<40}{'group':>6}{'GiB':>10}{'off-node':>10}{'seconds':>10}"]
     for item in plan.traffic:
-        lines.append(f"  {item.kind:<38}{item.group_size:>6}{_gib(item.bytes):>10}"
-                     f"{item.between_nodes:>10.0%}{item.seconds:>10.1f}")
+        lines.append(
+            f"  {item.kind:<38}{item.group_size:>6}{_gib(item.bytes):>10}"
+            f"{item.between_nodes:>10.0%}{item.seconds:>10.1f}"
+        )
     if not plan.traffic:
         lines.append("  none (a single rank)")
     lines += ["  (seconds: at the link bandwidth with no overlap; compare with the step time above)", ""]
@@ -938,12 +952,14 @@ def _describe_recompute(recompute: Recompute) -> str:
     return "none"
 
 
-def _verdict(plan: Plan) -> List[str]:
+def _verdict(plan: Plan) -> list[str]:
     peak, capacity = plan.memory.peak, plan.memory.capacity
     lines = []
     if plan.memory.fits:
-        return lines + [f"fits: the fullest stage ({peak.stage}) needs {_gib(peak.total)} GiB,"
-                        f" {_gib(capacity - peak.total)} GiB to spare on a {plan.gpu.name}"]
+        return lines + [
+            f"fits: the fullest stage ({peak.stage}) needs {_gib(peak.total)} GiB,"
+            f" {_gib(capacity - peak.total)} GiB to spare on a {plan.gpu.name}"
+        ]
     lines += [
         f"DOES NOT FIT: stage {peak.stage} needs {_gib(peak.total)} GiB, {_gib(peak.total - capacity)} GiB more than"
         f" the {_gib(capacity)} GiB of a {plan.gpu.name} ({_gib(peak.reserved)} GiB of it kept in reserve).",
@@ -956,14 +972,16 @@ def _verdict(plan: Plan) -> List[str]:
         lines.append("  changes that make it fit (peak GiB):")
         lines += [f"    {s.change}  ->  {_gib(s.peak_bytes)}" for s in fitting]
     if others:
-        lines.append("  changes that help but do not fit alone (peak GiB): " + "; ".join(
-            f"{s.change} -> {_gib(s.peak_bytes)}" for s in others))
+        lines.append(
+            "  changes that help but do not fit alone (peak GiB): "
+            + "; ".join(f"{s.change} -> {_gib(s.peak_bytes)}" for s in others)
+        )
     if not plan.suggestions:
         lines.append("  no single change gives a valid layout; use more GPUs or a GPU with more memory")
     return lines
 
 
-def plan_to_json(plan: Plan) -> Dict[str, object]:
+def plan_to_json(plan: Plan) -> dict[str, object]:
     data = asdict(plan)
     data["step_seconds"] = plan.step_seconds
     data["flops"].update(forward=plan.flops.forward, training=plan.flops.training)
@@ -984,18 +1002,26 @@ def smallest_world_size(cfg: MimoConfig) -> int:
     return math.lcm(p.tp * p.pp * p.cp, p.etp * p.ep * p.pp)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = recipe_argument_parser(
         "mimo-plan", "Memory, time and communication of a recipe on a cluster, before launching it."
     )
-    parser.add_argument("--world-size", type=int, default=None,
-                        help="GPUs of the run (default: the fewest the layout allows)")
+    parser.add_argument(
+        "--world-size", type=int, default=None, help="GPUs of the run (default: the fewest the layout allows)"
+    )
     parser.add_argument("--gpu", choices=sorted(GPUS), default="h100")
-    parser.add_argument("--mfu", type=float, default=PlannerSettings.mfu,
-                        help=f"model-FLOPs utilisation for the time estimates (default {PlannerSettings.mfu})")
-    parser.add_argument("--backend", choices=BACKENDS, default=PlannerSettings.backend,
-                        help="modules the activation estimate assumes: te (GPU with Transformer Engine) or local"
-                        " (mimo's CPU modules)")
+    parser.add_argument(
+        "--mfu",
+        type=float,
+        default=PlannerSettings.mfu,
+        help=f"model-FLOPs utilisation for the time estimates (default {PlannerSettings.mfu})",
+    )
+    parser.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default=PlannerSettings.backend,
+        help="modules the activation estimate assumes: te (GPU with Transformer Engine) or local (mimo's CPU modules)",
+    )
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     args = parser.parse_intermixed_args(argv)
     if not 0 < args.mfu <= 1:

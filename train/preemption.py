@@ -7,7 +7,6 @@ so that every rank saves the same step and leaves together.
 import logging
 import signal
 from types import FrameType
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -19,7 +18,7 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 class StopRequest:
     def __init__(self) -> None:
-        self._signal: Optional[int] = None
+        self._signal: int | None = None
         self._previous = {}
 
     def install(self) -> "StopRequest":
@@ -32,9 +31,11 @@ class StopRequest:
             signal.signal(sig, handler)
         self._previous.clear()
 
-    def _record(self, signum: int, frame: Optional[FrameType]) -> None:
+    def _record(self, signum: int, frame: FrameType | None) -> None:
         if self._signal is None:
-            logger.warning("received %s: saving a checkpoint after this step, then stopping", signal.Signals(signum).name)
+            logger.warning(
+                "received %s: saving a checkpoint after this step, then stopping", signal.Signals(signum).name
+            )
         self._signal = signum
 
     def agreed(self, device: torch.device) -> bool:

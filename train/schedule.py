@@ -17,17 +17,17 @@ LR targets are a number, ``"lr"`` (``optim.lr``, the peak) or ``"min_lr"`` (``op
 """
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
-from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from mimo.model.config import ModelConfig
 from mimo.train.config import OptimConfig, TrainConfig
 
-TokenAmount = Union[int, float, str]
+TokenAmount = int | float | str
 """Tokens as a number, a suffixed string ("50B") or a percentage of the run ("10%")."""
 
-TOKEN_SUFFIXES: Dict[str, int] = {"K": 10**3, "M": 10**6, "B": 10**9, "T": 10**12}
+TOKEN_SUFFIXES: dict[str, int] = {"K": 10**3, "M": 10**6, "B": 10**9, "T": 10**12}
 LR_KINDS = ("linear", "constant", "cosine")
 LR_REFERENCES = ("lr", "min_lr")
 STAGE_VALUE_KEYS = ("mtp_loss_weight", "moe_router_bias_update_rate", "moe_aux_loss_coeff")
@@ -45,7 +45,7 @@ class LRSegment:
     """linear | constant | cosine (half-cosine from the start value down or up to ``target``)."""
     tokens: TokenAmount = 0
     """Length of the segment (see the module docstring for the forms)."""
-    target: Optional[Union[float, str]] = None
+    target: float | str | None = None
     """LR at the end of the segment: a number, "lr" or "min_lr". A constant segment holds the previous value
     and takes no target."""
 
@@ -62,22 +62,22 @@ class Stage:
     name: str = "main"
     end: TokenAmount = "100%"
     """Token count at which this stage ends (absolute on the run's token axis, not a length)."""
-    mtp_loss_weight: Optional[float] = None
-    moe_router_bias_update_rate: Optional[float] = None
-    moe_aux_loss_coeff: Optional[float] = None
-    recipe: Optional[str] = None
+    mtp_loss_weight: float | None = None
+    moe_router_bias_update_rate: float | None = None
+    moe_aux_loss_coeff: float | None = None
+    recipe: str | None = None
     """The recipe that trains this stage, optionally followed by overrides ("miniature miniature_stage=stage2");
     lets ``mimo-plan`` estimate every stage from its own settings."""
 
 
-def _default_lr() -> List[LRSegment]:
+def _default_lr() -> list[LRSegment]:
     return [
         LRSegment(kind="linear", tokens="10%", target="lr"),
         LRSegment(kind="cosine", tokens="90%", target="min_lr"),
     ]
 
 
-def _default_stages() -> List[Stage]:
+def _default_stages() -> list[Stage]:
     return [Stage()]
 
 
@@ -86,13 +86,13 @@ class ScheduleConfig:
     """The token-keyed schedule. The default warms up over 10% of the run to ``optim.lr`` and decays by a
     cosine to ``optim.min_lr`` at the end of ``train.steps``, with a fixed batch and one stage."""
 
-    lr: List[LRSegment] = field(default_factory=_default_lr)
+    lr: list[LRSegment] = field(default_factory=_default_lr)
     """Consecutive segments from token 0; after the last one the LR stays at its final value."""
     batch_rampup_tokens: TokenAmount = 0
     """The global batch grows linearly from zero to ``train.global_batch_size`` over this many tokens (0: no
     ramp), rounded down to whole batch units and never below one unit."""
-    stages: List[Stage] = field(default_factory=_default_stages)
-    stage: Optional[str] = None
+    stages: list[Stage] = field(default_factory=_default_stages)
+    stage: str | None = None
     """The stage this run trains; it stops at that stage's end. None: the first stage."""
 
 
@@ -159,8 +159,8 @@ class Schedule:
         *,
         optim: OptimConfig,
         train: TrainConfig,
-        model: Optional[ModelConfig] = None,
-        batch_unit: Optional[int] = None,
+        model: ModelConfig | None = None,
+        batch_unit: int | None = None,
     ) -> None:
         self.run_tokens = train.steps * train.global_batch_size * train.seq_length
         self.seq_length = train.seq_length
@@ -185,7 +185,7 @@ class Schedule:
                 f"{self.batch_unit} (micro_batch_size * data-parallel size); choose a multiple of it"
             )
 
-    def _resolve_lr(self, segments: Sequence[LRSegment], optim: OptimConfig) -> Tuple[_Piece, ...]:
+    def _resolve_lr(self, segments: Sequence[LRSegment], optim: OptimConfig) -> tuple[_Piece, ...]:
         if not segments:
             raise ScheduleError("schedule.lr is empty; give at least one segment (kind, tokens, target)")
         pieces = []
@@ -208,7 +208,7 @@ class Schedule:
         return tuple(pieces)
 
     @staticmethod
-    def _resolve_target(target: Optional[Union[float, str]], optim: OptimConfig, *, key: str) -> float:
+    def _resolve_target(target: float | str | None, optim: OptimConfig, *, key: str) -> float:
         if target is None:
             raise ScheduleError(f"{key} is missing; give a number, 'lr' (optim.lr) or 'min_lr' (optim.min_lr)")
         if isinstance(target, str):
@@ -223,13 +223,13 @@ class Schedule:
         return float(target)
 
     def _resolve_stages(
-        self, stages: Sequence[Stage], model: Optional[ModelConfig]
-    ) -> Tuple[Tuple[str, ...], Tuple[int, ...], Tuple[Tuple[float, ...], ...]]:
+        self, stages: Sequence[Stage], model: ModelConfig | None
+    ) -> tuple[tuple[str, ...], tuple[int, ...], tuple[tuple[float, ...], ...]]:
         if not stages:
             raise ScheduleError("schedule.stages is empty; give at least one stage with a name and an end")
         names, ends, values = [], [], []
         previous_end = 0
-        current: List[Optional[float]] = [
+        current: list[float | None] = [
             None if model is None else float(getattr(model, name)) for name in STAGE_VALUE_KEYS
         ]
         for index, stage in enumerate(stages):
@@ -257,7 +257,7 @@ class Schedule:
             previous_end = end
         return tuple(names), tuple(ends), tuple(values)
 
-    def _resolve_current_stage(self, name: Optional[str]) -> str:
+    def _resolve_current_stage(self, name: str | None) -> str:
         if name is None:
             return self._stage_names[0]
         if name not in self._stage_names:
@@ -306,13 +306,13 @@ class Schedule:
         return len(self._stage_ends) - 1
 
     @property
-    def stages(self) -> Dict[str, Tuple[int, int]]:
+    def stages(self) -> dict[str, tuple[int, int]]:
         """Each stage's token span [start, end)."""
         starts = (0,) + self._stage_ends[:-1]
         return {name: (s, e) for name, s, e in zip(self._stage_names, starts, self._stage_ends)}
 
     @property
-    def stage_span(self) -> Tuple[int, int]:
+    def stage_span(self) -> tuple[int, int]:
         """The token span [start, end) this run trains."""
         return self.stages[self.stage]
 

@@ -7,9 +7,9 @@ and the weighting depends on how the layout splits the batch; megatron's per-tok
 megatron-core 0.16.1 it scales the router's aux loss by each rank's local token count, which is layout-dependent.
 """
 
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable, Dict, Iterator, List, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -26,7 +26,7 @@ from megatron.core.utils import get_batch_on_this_cp_rank
 
 from mimo.parallel.context_parallel import sum_over_context_parallel
 
-Batch = Dict[str, torch.Tensor]
+Batch = dict[str, torch.Tensor]
 MODEL_INPUTS = ("tokens", "labels", "loss_mask", "position_ids")
 
 
@@ -42,7 +42,7 @@ class StepResult:
     """Tokens the loss was computed on, over the whole global batch."""
 
 
-def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, dict]:
+def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """megatron divides the returned sum by the returned count. Under context parallelism the sum is rescaled so
     that this amounts to dividing by the sequence's token count / cp: with masked tokens (data.eod_mask_loss)
     the ranks' counts differ, and dividing by its own would weigh one rank's tokens more than another's."""
@@ -93,8 +93,8 @@ def _tracked_mtp_loss() -> torch.Tensor:
 
 
 def _reduce_step_metrics(
-    losses: List[dict], config: TransformerConfig, num_microbatches: int
-) -> Tuple[float, float, float, int]:
+    losses: list[dict], config: TransformerConfig, num_microbatches: int
+) -> tuple[float, float, float, int]:
     """Average the step's losses over the whole job.
 
     Ranks that hold the loss (last pipeline stage) contribute sums and counts, all others zeros. Sums and
