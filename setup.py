@@ -1,15 +1,18 @@
 """Installs the top-level code folders as subpackages of one import package, ``mimo``."""
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 SUBPACKAGES = ("model", "parallel", "data", "train", "recipes")
+"""Top-level folders that are import packages; their own subpackages are found below them."""
 
 setup(
     name="mimo",
     version="0.1.0",
     description="Pre-training MiMo-V2-Flash on megatron-core",
     python_requires=">=3.10",
-    packages=[f"mimo.{name}" for name in SUBPACKAGES],
+    packages=[
+        f"mimo.{name}{suffix}" for name in SUBPACKAGES for suffix in ["", *(f".{sub}" for sub in find_packages(name))]
+    ],
     package_dir={f"mimo.{name}": name for name in SUBPACKAGES},
     package_data={
         "mimo.recipes": ["*.yaml", "*/*.yaml"],
@@ -18,7 +21,7 @@ setup(
     install_requires=[
         # torch is not pinned here: install the build for your accelerator first (CPU: torch==2.13.0).
         "torch>=2.6",
-        # Verified on 0.16.1; the CPU compatibility layer refuses other versions (see parallel/cpu_compat.py).
+        # Verified on 0.16.1; mimo's megatron patches refuse other versions (see parallel/megatron_patches).
         "megatron-core>=0.16.1,<0.17",
         "hydra-core>=1.3,<1.4",
         "datasets>=3.0",
@@ -39,10 +42,10 @@ setup(
     entry_points={
         "console_scripts": [
             "mimo-train=mimo.train.cli:main",
-            "mimo-plan=mimo.train.planner:main",
+            "mimo-plan=mimo.train.tools.plan.cli:main",
             "mimo-preprocess=mimo.data.preprocess:main",
-            "mimo-convert=mimo.train.convert:main",
-            "mimo-eval=mimo.train.evaluate:main",
+            "mimo-convert=mimo.train.tools.convert.cli:main",
+            "mimo-eval=mimo.train.tools.evaluate:main",
         ]
     },
 )

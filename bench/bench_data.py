@@ -21,7 +21,7 @@ from pathlib import Path
 
 from mimo.data.config import DataConfig, PreprocessConfig
 from mimo.data.indexed import token_dtype
-from mimo.data.loader import build_data_iterators
+from mimo.data.loader import DataRank, build_data_iterators
 from mimo.data.preprocess import preprocess
 from mimo.data.shipped_corpus import shipped_corpus_path
 from mimo.data.tokenizer import encode_documents, load_hf_tokenizer
@@ -40,6 +40,7 @@ class BenchConfig:
     seq_length: int = 32768
     """MiMo-V2-Flash stage-1 sequence length."""
     micro_batch_size: int = 1
+    seed: int = 1234
     gpus_per_node: int = 8
     peak_flops_per_gpu: float = 989e12
     """H100 SXM dense BF16."""
@@ -99,12 +100,10 @@ def bench_loader(cfg: BenchConfig, prefix: Path, work: Path) -> None:
         data_cfg,
         run_dir=str(work),
         seq_length=cfg.seq_length,
-        micro_batch_size=cfg.micro_batch_size,
+        seed=cfg.seed,
         train_samples=samples,
         consumed_samples=0,
-        dp_rank=0,
-        dp_size=1,
-        seed=1234,
+        rank=DataRank(dp_rank=0, dp_size=1, micro_batch_size=cfg.micro_batch_size),
     )
     next(data.train)
     start = time.perf_counter()

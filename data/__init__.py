@@ -8,6 +8,7 @@ import importlib
 
 _EXPORTS = {
     "DataIterators": "mimo.data.loader",
+    "DataRank": "mimo.data.loader",
     "build_data_iterators": "mimo.data.loader",
     "build_tokenizer": "mimo.data.tokenizer",
     "check_vocab": "mimo.data.tokenizer",
@@ -19,6 +20,7 @@ _EXPORTS = {
 __all__ = [
     "DataError",
     "DataIterators",
+    "DataRank",
     "MimoTokenizer",
     "build_data_iterators",
     "build_tokenizer",

@@ -70,30 +70,37 @@ class _GlobalSamples(Dataset):
         return sample
 
 
+@dataclass(frozen=True)
+class DataRank:
+    """Which slice of each window of samples this rank reads: ``micro_batch_size`` samples at offset
+    ``dp_rank * micro_batch_size`` of every ``micro_batch_size * dp_size``."""
+
+    dp_rank: int
+    dp_size: int
+    micro_batch_size: int
+
+    def check(self) -> None:
+        if self.micro_batch_size < 1 or self.dp_size < 1 or not 0 <= self.dp_rank < self.dp_size:
+            raise DataError(
+                f"bad data layout: micro_batch_size={self.micro_batch_size}, dp_rank={self.dp_rank}, "
+                f"dp_size={self.dp_size}; need micro_batch_size >= 1 and 0 <= dp_rank < dp_size"
+            )
+
+
 class _GlobalOrderSampler(Sampler[list[int]]):
     """Yields this rank's slice of each successive window of ``micro_batch_size * dp_size`` samples."""
 
-    def __init__(self, consumed_samples: int, micro_batch_size: int, dp_rank: int, dp_size: int) -> None:
+    def __init__(self, consumed_samples: int, rank: DataRank) -> None:
         self.consumed_samples = consumed_samples
-        self.micro_batch_size = micro_batch_size
-        self.dp_rank = dp_rank
-        self.dp_size = dp_size
+        self.rank = rank
 
     def __iter__(self) -> Iterator[list[int]]:
-        start = self.consumed_samples + self.dp_rank * self.micro_batch_size
-        window = self.micro_batch_size * self.dp_size
+        size = self.rank.micro_batch_size
+        start = self.consumed_samples + self.rank.dp_rank * size
+        window = size * self.rank.dp_size
         while True:
-            yield list(range(start, start + self.micro_batch_size))
+            yield list(range(start, start + size))
             start += window
-
-
-def _check_layout(micro_batch_size: int, dp_rank: int, dp_size: int, consumed_samples: int) -> None:
-    if micro_batch_size < 1 or dp_size < 1 or not 0 <= dp_rank < dp_size or consumed_samples < 0:
-        raise DataError(
-            f"bad data layout: micro_batch_size={micro_batch_size}, dp_rank={dp_rank}, "
-            f"dp_size={dp_size}, consumed_samples={consumed_samples}; need micro_batch_size >= 1, "
-            f"0 <= dp_rank < dp_size, consumed_samples >= 0"
-        )
 
 
 def _gpt_config(
@@ -148,10 +155,8 @@ def _datasets(
     return train, valid, main.names + subsets.names
 
 
-def _loader(
-    dataset: Dataset, consumed: int, micro_batch_size: int, dp_rank: int, dp_size: int, num_workers: int
-) -> Iterator[Batch]:
-    sampler = _GlobalOrderSampler(consumed, micro_batch_size, dp_rank, dp_size)
+def _loader(dataset: Dataset, consumed: int, rank: DataRank, num_workers: int) -> Iterator[Batch]:
+    sampler = _GlobalOrderSampler(consumed, rank)
     return iter(
         DataLoader(
             _GlobalSamples(dataset), batch_sampler=sampler, num_workers=num_workers, persistent_workers=num_workers > 0
@@ -164,19 +169,19 @@ def build_data_iterators(
     *,
     run_dir: str,
     seq_length: int,
-    micro_batch_size: int,
+    seed: int,
     train_samples: int,
     consumed_samples: int,
-    dp_rank: int,
-    dp_size: int,
-    seed: int,
+    rank: DataRank,
 ) -> DataIterators:
     """Builds (or reuses from the cache) the datasets of ``cfg`` and this rank's iterators.
 
     Call it on every rank (megatron-core's builder synchronises them with barriers). The sample order
     depends on ``seed`` and ``train_samples`` (the run's total), so keep both fixed across resumes.
     """
-    _check_layout(micro_batch_size, dp_rank, dp_size, consumed_samples)
+    rank.check()
+    if consumed_samples < 0:
+        raise DataError(f"consumed_samples is {consumed_samples}; it counts samples already trained on (>= 0)")
     if train_samples < 1:
         raise DataError(f"train_samples is {train_samples}; it must be the run's total number of samples (>= 1)")
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else Path(run_dir) / CACHE_SUBDIR
@@ -193,8 +198,8 @@ def build_data_iterators(
         "data: %d training samples from %s, %s validation samples", len(train), names, len(valid) if has_valid else "no"
     )
     return DataIterators(
-        train=_loader(train, consumed_samples, micro_batch_size, dp_rank, dp_size, cfg.num_workers),
-        valid=_loader(valid, 0, micro_batch_size, dp_rank, dp_size, cfg.num_workers) if has_valid else None,
+        train=_loader(train, consumed_samples, rank, cfg.num_workers),
+        valid=_loader(valid, 0, rank, cfg.num_workers) if has_valid else None,
         tokenizer=tokenizer,
         dataset_names=names,
         train_size=len(train),

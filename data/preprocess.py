@@ -30,6 +30,9 @@ from mimo.data.shards import SKIP_REASONS, ShardStats, ShardTask, init_worker, l
 from mimo.data.sources import Source, discover, read_records
 from mimo.data.tokenizer import MimoTokenizer
 from mimo.data.train_tokenizer import SHIPPED_TOKENIZER_DIR
+from mimo.recipes.errors import run_command
+
+PROG = "mimo-preprocess"
 
 MANIFEST = "manifest.json"
 SOURCE_DONE = ".done.json"
@@ -287,7 +290,7 @@ def format_summary(summary: Summary) -> str:
 def _parse_args(argv: list[str]) -> PreprocessConfig:
     defaults = PreprocessConfig()
     parser = argparse.ArgumentParser(
-        prog="mimo-preprocess", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--input", nargs="+", required=True, help="files or directories")
     parser.add_argument("--tokenizer", default=None, help="local HF tokenizer directory (default: shipped)")
@@ -316,13 +319,7 @@ def _parse_args(argv: list[str]) -> PreprocessConfig:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = _parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        summary = preprocess(cfg)
-    except DataError as error:
-        print(f"mimo-preprocess: error: {error}", file=sys.stderr)
-        return 1
-    print(format_summary(summary))
-    return 0
+    return run_command(PROG, lambda: print(format_summary(preprocess(cfg))))
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ mimo_local_gpus() {
 mimo_plan() {
     local world_size="$1" recipe="$2" status=0
     shift 2
-    "$PYTHON" -m mimo.train.planner --config-name "$recipe" --world-size "$world_size" \
+    "$PYTHON" -m mimo.train.tools.plan --config-name "$recipe" --world-size "$world_size" \
         --gpu "$MIMO_GPU" --mfu "$MIMO_MFU" "$@" || status=$?
     if [ "$status" -eq 1 ] && [ "${MIMO_IGNORE_PLAN:-0}" = 1 ]; then
         echo "warning: mimo-plan refused this layout; launching anyway because MIMO_IGNORE_PLAN=1" >&2

@@ -7,8 +7,10 @@ bad recipe fails before any process group or weight exists, with a message namin
 from dataclasses import dataclass
 from enum import Enum
 
+from mimo.recipes.errors import MimoError
 
-class ModelConfigError(ValueError):
+
+class ModelConfigError(MimoError, ValueError):
     """A model or precision config that cannot describe a buildable MiMo model."""
 
 

@@ -33,7 +33,7 @@ from megatron.core.transformer.transformer_layer import (
 )
 
 from mimo.model.attention import AttentionGeometry, MimoAttention, MimoAttentionSubmodules
-from mimo.model.config import AttentionType, ModelConfig
+from mimo.model.config import AttentionType, ModelConfig, ModelConfigError
 from mimo.model.core_attention import LocalCoreAttention
 from mimo.model.norm import RMSNorm
 
@@ -52,7 +52,10 @@ def backend_modules(use_te: bool) -> BackendModules:
     """Transformer Engine (GPU) or local modules (CPU, or GPU without TE)."""
     if use_te:
         if not HAVE_TE:
-            raise RuntimeError("use_te=True but transformer_engine is not importable; install it or pass use_te=False")
+            raise ModelConfigError(
+                'Transformer Engine was asked for but is not importable; install it (pip install -e ".[gpu]") or'
+                " run on the local backend"
+            )
         return BackendModules(provider=TESpecProvider(), norm=TENorm, core_attention=TEDotProductAttention)
     return BackendModules(provider=LocalSpecProvider(), norm=RMSNorm, core_attention=LocalCoreAttention)
 
@@ -104,7 +107,7 @@ def dense_mlp_spec(backend: BackendModules) -> ModuleSpec:
 def moe_spec(cfg: ModelConfig, backend: BackendModules, use_te: bool) -> ModuleSpec:
     """megatron's MoE layer; router, expert bias and aux loss come from the TransformerConfig."""
     if cfg.moe_grouped_gemm and not use_te:
-        raise ValueError(
+        raise ModelConfigError(
             "model.moe_grouped_gemm=true needs Transformer Engine's grouped GEMM; set it to false for the local"
             " (CPU) backend"
         )

@@ -1,39 +1,6 @@
-"""Parallel layout and distributed runtime.
+"""Parallel layout, the distributed runtime, context-parallel helpers and mimo's patches to megatron-core.
 
-The config and the layout check are imported eagerly: they are pure Python, and the config is imported by every
-recipe. The runtime pieces pull in torch.distributed and megatron-core, so they load on first use (PEP 562).
+``config`` and ``layout`` are pure Python (the planner and the command-line checks use them without torch);
+``runtime``, ``context_parallel`` and ``megatron_patches`` pull in torch.distributed and megatron-core. Nothing is
+imported here: import the module you need.
 """
-
-from importlib import import_module
-from typing import Any
-
-from mimo.parallel.config import ParallelConfig
-from mimo.parallel.layout import LayoutError, ResolvedLayout, validate_layout
-
-_LAZY = {
-    "Runtime": "mimo.parallel.runtime",
-    "LaunchError": "mimo.parallel.runtime",
-    "initialize": "mimo.parallel.runtime",
-    "shutdown": "mimo.parallel.runtime",
-    "enable_cpu_compat": "mimo.parallel.cpu_compat",
-    "UnsupportedMegatronVersion": "mimo.parallel.cpu_compat",
-}
-
-__all__ = [
-    "ParallelConfig",
-    "LayoutError",
-    "ResolvedLayout",
-    "validate_layout",
-    "Runtime",
-    "LaunchError",
-    "initialize",
-    "shutdown",
-    "enable_cpu_compat",
-    "UnsupportedMegatronVersion",
-]
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'mimo.parallel' has no attribute {name!r}")

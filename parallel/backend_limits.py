@@ -31,7 +31,8 @@ def check_backend_support(layout: ResolvedLayout, model: ModelConfig, *, backend
             " on CPU (gloo) use model.moe_token_dispatcher=alltoall or allgather"
         )
     if not fused_adam and model.num_layers > model.num_dense_layers:
-        for stage, layers in enumerate(stage_layer_indices(layout)):
+        for stage in range(layout.pp):
+            layers = layout.rank_layers(stage)
             if all(layer < model.num_dense_layers for layer in layers):
                 raise LayoutError(
                     f"pipeline stage {stage} holds only dense layers {layers} (model.num_dense_layers="
@@ -40,19 +41,3 @@ def check_backend_support(layout: ResolvedLayout, model: ModelConfig, *, backend
                     f" every stage a MoE layer: at least {model.num_dense_layers + 1} layers on the first stage"
                     " (parallel.pipeline_first_stage_layers), or fewer pipeline stages"
                 )
-
-
-def stage_layer_indices(layout: ResolvedLayout) -> list[list[int]]:
-    """The decoder layers each pipeline rank holds, over all its virtual stages, in megatron's order.
-
-    Virtual stage v of pipeline rank s holds ``stage_layers[s] / vpp`` layers, placed after round v's chunks of
-    the earlier ranks; round v starts after ``v * num_layers / vpp`` layers.
-    """
-    vpp = layout.vpp or 1
-    per_round = sum(layout.stage_layers) // vpp
-    ranks: list[list[int]] = []
-    for stage, count in enumerate(layout.stage_layers):
-        chunk = count // vpp
-        before = sum(layout.stage_layers[:stage]) // vpp
-        ranks.append([v * per_round + before + i for v in range(vpp) for i in range(chunk)])
-    return ranks

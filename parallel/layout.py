@@ -10,9 +10,10 @@ from dataclasses import dataclass
 
 from mimo.model.config import ModelConfig
 from mimo.parallel.config import ParallelConfig
+from mimo.recipes.errors import MimoError
 
 
-class LayoutError(ValueError):
+class LayoutError(MimoError, ValueError):
     """A parallel layout that cannot run this model on this many ranks."""
 
 
@@ -36,6 +37,26 @@ class ResolvedLayout:
     """Micro-batches each data-parallel rank runs per optimizer step."""
     stage_layers: tuple[int, ...]
     """Decoder layers on each pipeline stage (MTP blocks come on top of the last one)."""
+
+    def chunk_layers(self) -> list[list[int]]:
+        """The decoder layers of each model chunk in execution order, megatron's placement: chunk c (virtual
+        stage c // pp of pipeline rank c % pp) holds ``stage_layers[c % pp] / vpp`` consecutive layers, after
+        those of every earlier chunk."""
+        vpp = self.vpp or 1
+        chunks, start = [], 0
+        for chunk in range(self.pp * vpp):
+            size = self.stage_layers[chunk % self.pp] // vpp
+            chunks.append(list(range(start, start + size)))
+            start += size
+        return chunks
+
+    def rank_chunks(self, rank: int) -> list[list[int]]:
+        """The layers of each model chunk pipeline rank ``rank`` holds, in its virtual-stage order."""
+        return self.chunk_layers()[rank :: self.pp]
+
+    def rank_layers(self, rank: int) -> list[int]:
+        """Every decoder layer pipeline rank ``rank`` holds, over all its virtual stages."""
+        return [layer for chunk in self.rank_chunks(rank) for layer in chunk]
 
 
 def validate_layout(

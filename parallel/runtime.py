@@ -4,7 +4,6 @@
 import os
 import random
 import re
-import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
@@ -16,9 +15,9 @@ import torch.distributed as dist
 from mimo.model.config import ModelConfig
 from mimo.parallel.backend_limits import check_backend_support
 from mimo.parallel.config import ParallelConfig
-from mimo.parallel.cpu_compat import enable_cpu_compat
 from mimo.parallel.layout import ResolvedLayout, validate_layout
-from mimo.parallel.megatron_fixes import apply_megatron_fixes
+from mimo.parallel.megatron_patches import apply_megatron_patches
+from mimo.recipes.errors import MimoError
 
 LOOPBACK = "127.0.0.1"
 
@@ -28,7 +27,7 @@ seed everywhere would give layer i and layer i + layers_per_stage identical weig
 per-rank offsets (2718 + tp rank, 1024 + 100 * ep rank + etp rank, for ep < 89) so no two streams coincide."""
 
 
-class LaunchError(RuntimeError):
+class LaunchError(MimoError, RuntimeError):
     """The launcher environment is incomplete or inconsistent."""
 
 
@@ -40,7 +39,8 @@ class LaunchEnv:
     world_size: int
     local_rank: int
     master_addr: str
-    master_port: int
+    master_port: int | None
+    """The rendezvous port; None for a process started alone (it needs no rendezvous)."""
 
 
 @dataclass
@@ -85,15 +85,15 @@ def initialize(
     )
     has_cuda = torch.cuda.is_available()
     backend = parallel.backend or ("nccl" if has_cuda else "gloo")
+    from megatron.core.extensions.transformer_engine import HAVE_TE
+    from megatron.core.optimizer.distrib_optimizer import HAVE_APEX_OR_TE
+
+    apply_megatron_patches(cuda=has_cuda, transformer_engine=HAVE_TE, fused_adam=HAVE_APEX_OR_TE)
     if has_cuda:
         torch.cuda.set_device(launch.local_rank)
         device = torch.device("cuda", launch.local_rank)
     else:
-        enable_cpu_compat()
         device = torch.device("cpu")
-    apply_megatron_fixes()
-    from megatron.core.optimizer.distrib_optimizer import HAVE_APEX_OR_TE
-
     check_backend_support(layout, model, backend=backend, fused_adam=HAVE_APEX_OR_TE)
 
     if parallel_state.model_parallel_is_initialized():
@@ -105,6 +105,9 @@ def initialize(
                 f"a process group of {dist.get_world_size()} ranks already exists but the launcher says"
                 f" {launch.world_size}; call mimo.parallel.runtime.shutdown() before initialising again"
             )
+    elif launch.master_port is None:
+        # A process started alone needs no rendezvous: an in-process store, no port to find or hold.
+        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     else:
         dist.init_process_group(
             backend=backend,
@@ -152,12 +155,12 @@ def shutdown() -> None:
 
 
 def launch_env(env: Mapping[str, str], *, default_port: int) -> LaunchEnv:
-    """Read torchrun's or Slurm's variables; with neither, describe a lone process on a free local port."""
+    """Read torchrun's or Slurm's variables; with neither, describe a process started alone."""
     if "RANK" in env:
         return _from_torchrun(env)
     if "SLURM_PROCID" in env:
         return _from_slurm(env, default_port)
-    return LaunchEnv(rank=0, world_size=1, local_rank=0, master_addr=LOOPBACK, master_port=free_port())
+    return LaunchEnv(rank=0, world_size=1, local_rank=0, master_addr=LOOPBACK, master_port=None)
 
 
 def _from_torchrun(env: Mapping[str, str]) -> LaunchEnv:
@@ -212,13 +215,6 @@ def first_slurm_host(nodelist: str) -> str:
     if not host:
         raise LaunchError(f"cannot read a host name from SLURM_JOB_NODELIST={nodelist!r}; export MASTER_ADDR")
     return host
-
-
-def free_port() -> int:
-    """A TCP port nothing listens on right now (the OS picks it when binding port 0)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((LOOPBACK, 0))
-        return sock.getsockname()[1]
 
 
 def _url_host(addr: str) -> str:

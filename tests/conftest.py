@@ -1,11 +1,14 @@
-"""Shared fixtures: one data-index cache for the whole session, so each test trains instead of tokenizing."""
-
-import warnings
+"""Shared fixtures: one data-index cache for the whole session (each test trains instead of tokenizing), a
+single-rank runtime, and the tiny Hub checkpoint and its import."""
 
 import pytest
 
-# Expected on every CPU machine: megatron-core announces its fallbacks when TE/Apex are absent.
-warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex).* not installed")
+from mimo.model.config import ModelConfig
+from mimo.parallel.config import ParallelConfig
+from mimo.parallel.runtime import initialize, shutdown
+from mimo.train.commands import quiet_expected_warnings
+
+quiet_expected_warnings()
 
 
 @pytest.fixture(scope="session")
@@ -14,8 +17,28 @@ def data_cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def single_rank():
+    """megatron's parallel state for one process (no parallelism), for tests that build models directly."""
+    initialize(ParallelConfig(), ModelConfig(), seed=0, global_batch_size=1, micro_batch_size=1, seq_length=1)
+    yield
+    shutdown()
+
+
+@pytest.fixture(scope="module")
 def hub(tmp_path_factory):
     """A random tiny transformers MiMo-V2-Flash saved in Hub format, with an MTP block (tests/tiny_hub.py)."""
     from tiny_hub import make_tiny_hub
 
     return make_tiny_hub(tmp_path_factory.mktemp("hub"))
+
+
+@pytest.fixture(scope="module")
+def imported(hub, tmp_path_factory):
+    """The tiny Hub checkpoint imported into a mimo run directory (``mimo-convert import-hf``)."""
+    from mimo.train.tools.convert.importer import import_hf
+
+    from tiny_hub import IMPORT_OVERRIDES
+
+    out = tmp_path_factory.mktemp("runs") / "imported"
+    import_hf(hub.directory, out, IMPORT_OVERRIDES)
+    return out

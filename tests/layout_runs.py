@@ -3,29 +3,25 @@
 Every run is ``mimo.train.cli.main(overrides)``, the function behind ``mimo-train`` and ``python -m mimo.train``,
 with its own process group and megatron parallel state. Starting a rank costs about 8 s of imports on a 2-core
 machine, more than the 3-step run itself, so the ranks of one world size are spawned once and run their layouts
-one after another (each run on a fresh rendezvous port, the way torchrun would set RANK, WORLD_SIZE and
-MASTER_PORT); single-rank runs run in the test process.
+one after another (each run at its own rendezvous store, hosted by the test process: see tests/multirank.py);
+single-rank runs run in the test process.
 """
 
 import json
 import logging
 import os
 import tempfile
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.multiprocessing as mp
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from mimo.parallel.runtime import LOOPBACK, free_port
-from mimo.train.compare_layouts import relative_differences
+from mimo.train.tools.compare_layouts import relative_differences
 
-PORT_POLL_SECONDS = 0.1
-"""How often ranks other than 0 look for the rendezvous port of the next run."""
+from multirank import join_rendezvous, spawn_ranks
 
 COMMON = (
     "train.global_batch_size=8",
@@ -102,7 +98,7 @@ def run_group(nproc: int, runs: Sequence[Run], data_cache: Path) -> Sequence[Run
     with tempfile.TemporaryDirectory() as log_dir:
         argvs = [run.argv(data_cache) for run in runs]
         try:
-            mp.spawn(_rank_main, args=(nproc, argvs, log_dir), nprocs=nproc, join=True)
+            spawn_ranks(_rank_main, nproc, argvs, log_dir, rendezvous=len(runs))
         finally:
             for index, run in enumerate(runs):
                 result = Path(log_dir) / f"{index}.json"
@@ -111,28 +107,12 @@ def run_group(nproc: int, runs: Sequence[Run], data_cache: Path) -> Sequence[Run
     return runs
 
 
-def _rendezvous_port(rank: int, index: int, log_dir: str) -> int:
-    """Rank 0 picks a free port just before run ``index`` and hands it to the others through a file. Ports picked
-    ahead for the whole group could meanwhile be taken as ephemeral ports by earlier runs' gloo connections."""
-    path = Path(log_dir) / f"{index}.port"
-    if rank == 0:
-        partial = path.with_suffix(".partial")
-        partial.write_text(str(free_port()))
-        partial.rename(path)  # atomic: the others never read a half-written file
-    while not path.exists():
-        time.sleep(PORT_POLL_SECONDS)
-    return int(path.read_text())
-
-
-def _rank_main(rank: int, nproc: int, argvs: list[list[str]], log_dir: str) -> None:
+def _rank_main(rank: int, ports: list[int], argvs: list[list[str]], log_dir: str) -> None:
     torch.set_num_threads(1)
     from mimo.train.cli import main
 
     for index, argv in enumerate(argvs):
-        port = _rendezvous_port(rank, index, log_dir)
-        os.environ.update(
-            RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc), MASTER_ADDR=LOOPBACK, MASTER_PORT=str(port)
-        )
+        join_rendezvous(rank, int(os.environ["WORLD_SIZE"]), ports[index])
         with captured_log() as lines:
             code = main(argv)
         if rank == 0:

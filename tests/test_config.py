@@ -1,9 +1,12 @@
 """Recipes compose with key=value overrides into typed configs; bad keys and values fail before any work."""
 
 import pytest
+from omegaconf import OmegaConf
 
 from mimo.model.config import ModelConfig
-from mimo.recipes import ConfigError, available_recipes, load_config, recipe_argument_parser, to_yaml
+from mimo.recipes.compose import available_recipes, load_config, recipe_argument_parser, to_yaml
+from mimo.recipes.errors import ConfigError
+from mimo.recipes.schema import MimoConfig
 
 
 def test_default_recipe_is_typed_and_fills_derived_paths():
@@ -43,10 +46,12 @@ def test_unknown_recipe_lists_the_available_ones():
     assert "config" in available_recipes()
 
 
-def test_resolved_yaml_round_trips():
-    cfg = load_config(["train.steps=11"])
-    text = to_yaml(cfg)
-    assert "steps: 11" in text and "checkpoints" in text
+@pytest.mark.parametrize("recipe", ["config", "miniature", "mimo_v2_flash_stage3"])
+def test_resolved_yaml_round_trips(recipe):
+    """config.yaml, read back into the schema, is the config the run was started with."""
+    cfg = load_config(["train.steps=11"], config_name=recipe)
+    back = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(MimoConfig), OmegaConf.create(to_yaml(cfg))))
+    assert back == cfg and back.train.steps == 11 and back.checkpoint.dir.endswith("checkpoints")
 
 
 def test_cli_parser_splits_recipe_and_overrides():

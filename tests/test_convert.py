@@ -17,23 +17,27 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tiny_hub import FULL, HF_TINY, SLIDING
 from transformers import MiMoV2FlashConfig, MiMoV2FlashForCausalLM
 
 from mimo.model.builder import build_model
 from mimo.model.config import ModelConfig, PrecisionConfig
-from mimo.model.hf_mapping import hf_config_to_mimo, hf_names, hf_to_mimo
+from mimo.model.hf.configs import hf_config_to_mimo
+from mimo.model.hf.mapping import hf_names, hf_to_mimo, hub_tensor_shapes
 from mimo.parallel.config import ParallelConfig
 from mimo.parallel.runtime import initialize, shutdown
 from mimo.recipes import load_config
 from mimo.train import cli
-from mimo.train.checkpoint import latest_checkpoint, load_checkpoint, read_meta
-from mimo.train.convert import check_tensors, export_hf, import_hf, imported_model_config, main
-from mimo.train.evaluate import evaluate
-from mimo.train.hf_checkpoint import ConvertError, HFCheckpoint, hub_tensor_shapes
+from mimo.train.checkpoint.manager import latest_checkpoint, load_checkpoint, read_meta
+from mimo.train.tools.convert.cli import main
+from mimo.train.tools.convert.exporter import export_hf
+from mimo.train.tools.convert.hf_files import ConvertError, HFCheckpoint
+from mimo.train.tools.convert.importer import check_tensors, import_hf, imported_model_config
+from mimo.train.tools.evaluate import evaluate
 
-SEQ = 32
-SMALL = (f"train.seq_length={SEQ}", "train.global_batch_size=4", "train.micro_batch_size=2")
+from tiny_hub import FULL, HF_TINY, IMPORT_OVERRIDES, IMPORT_SEQ, SLIDING
+
+SEQ = IMPORT_SEQ
+SMALL = IMPORT_OVERRIDES
 LOGITS_RELATIVE = 1e-5
 """FP32 logits of two implementations differ by summation order: ~1e-7 of their magnitude per operation."""
 FP8_BLOCK = 128
@@ -59,13 +63,6 @@ def assert_same_tensors(actual: dict, expected: dict) -> None:
 
 
 @pytest.fixture(scope="module")
-def imported(hub, tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs") / "imported"
-    import_hf(hub.directory, out, SMALL)
-    return out
-
-
-@pytest.fixture(scope="module")
 def ids_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "ids.jsonl"
     tokens = torch.randint(0, HF_TINY["vocab_size"], (3 * SEQ + 7,), generator=torch.Generator().manual_seed(4))
@@ -83,10 +80,10 @@ def test_expected_hub_tensors_are_those_transformers_writes(hub):
 def test_import_writes_a_run_and_exporting_it_gives_back_the_same_tensors(hub, imported, tmp_path):
     checkpoint = latest_checkpoint(str(imported / "checkpoints"))
     meta = read_meta(checkpoint)
-    assert checkpoint.name == "step_0000000" and meta["step"] == 0 and not meta["has_optimizer"]
+    assert checkpoint.name == "step_0000000" and meta.state.step == 0 and not meta.has_optimizer
     base = dataclasses.replace(load_config(list(SMALL)).model, mtp_num_layers=1, name=hub.directory.name)
     expected_model = hf_config_to_mimo(hub.model.config, base=base)
-    assert ModelConfig(**meta["model"]) == expected_model
+    assert ModelConfig(**meta.model) == expected_model
     saved = (imported / "config.yaml").read_text()
     assert f"dir: {imported}" in saved and "num_layers: 3" in saved
     assert (imported / "recipes" / "model" / "imported.yaml").exists()
@@ -99,6 +96,7 @@ def test_import_writes_a_run_and_exporting_it_gives_back_the_same_tensors(hub, i
         assert getattr(exported_config, key) == getattr(hub.model.config, key), key
 
 
+@pytest.mark.system
 def test_training_continues_from_the_import_and_the_export_loads_into_transformers(hub, imported, tmp_path, data_cache):
     run = tmp_path / "run"
     shutil.copytree(imported, run)
@@ -124,12 +122,12 @@ def test_training_continues_from_the_import_and_the_export_loads_into_transforme
     exported = read_hf_dir(hf_dir)
     assert not torch.equal(exported["lm_head.weight"], hub.tensors["lm_head.weight"]), "training changed nothing?"
 
-    cfg = ModelConfig(**read_meta(checkpoint)["model"])
+    cfg = ModelConfig(**read_meta(checkpoint).model)
     ids = torch.randint(0, cfg.vocab_size, (2, SEQ), generator=torch.Generator().manual_seed(7))
     initialize(ParallelConfig(), cfg, seed=0, global_batch_size=2, micro_batch_size=2, seq_length=SEQ)
     try:
         model = build_model(cfg, ParallelConfig(), PrecisionConfig(), seq_length=SEQ)[0].eval()
-        load_checkpoint(checkpoint, [model], None, cfg, {})
+        load_checkpoint(checkpoint, [model], None, cfg)
         state = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
         with torch.no_grad():
             mimo_logits = model(ids, None, None)
@@ -144,6 +142,7 @@ def test_training_continues_from_the_import_and_the_export_loads_into_transforme
     assert difference <= LOGITS_RELATIVE * mimo_logits.abs().max().item()
 
 
+@pytest.mark.system
 def test_two_rank_import_gives_the_single_rank_checkpoint(hub, imported, ids_file, tmp_path):
     """TP=2 (sequence parallel) x EP=2 under torchrun: each rank reads its slice; the checkpoint is the same."""
     out = tmp_path / "two_ranks"
@@ -155,7 +154,7 @@ def test_two_rank_import_gives_the_single_rank_checkpoint(hub, imported, ids_fil
         "--nproc-per-node",
         "2",
         "-m",
-        "mimo.train.convert",
+        "mimo.train.tools.convert",
         "import-hf",
         str(hub.directory),
         str(out),
@@ -167,7 +166,7 @@ def test_two_rank_import_gives_the_single_rank_checkpoint(hub, imported, ids_fil
         command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600
     )
     assert job.returncode == 0, job.stderr[-5000:]
-    layout = read_meta(latest_checkpoint(str(out / "checkpoints")))["layout"]
+    layout = read_meta(latest_checkpoint(str(out / "checkpoints"))).layout
     assert (layout["world_size"], layout["tp"], layout["ep"]) == (2, 2, 2)
 
     assert evaluate(out, ids_file, SMALL).loss == evaluate(imported, ids_file, SMALL).loss
@@ -261,7 +260,7 @@ def test_fp8_checkpoint_in_hub_spelling_is_dequantised_exactly(tmp_path):
 
     run = tmp_path / "run"
     import_hf(fp8_dir, run, SMALL)
-    meta_model = ModelConfig(**read_meta(latest_checkpoint(str(run / "checkpoints")))["model"])
+    meta_model = ModelConfig(**read_meta(latest_checkpoint(str(run / "checkpoints"))).model)
     transformers_config = MiMoV2FlashConfig(**fp8_tiny)
     assert [t.value for t in meta_model.layer_types()] == [FULL, SLIDING, SLIDING]
     base = dataclasses.replace(load_config(list(SMALL)).model, mtp_num_layers=0, name=fp8_dir.name)

@@ -6,7 +6,7 @@ import pytest
 from mimo.data.config import DataConfig, LongDocConfig
 from mimo.data.errors import DataError
 from mimo.data.indexed import write_indexed
-from mimo.data.loader import build_data_iterators
+from mimo.data.loader import DataRank, build_data_iterators
 from mimo.data.tokenizer import MimoTokenizer, build_tokenizer, check_vocab
 
 
@@ -25,12 +25,10 @@ def _build(tmp_path, **data):
         cfg,
         run_dir=str(tmp_path),
         seq_length=16,
-        micro_batch_size=2,
+        seed=1,
         train_samples=64,
         consumed_samples=0,
-        dp_rank=0,
-        dp_size=1,
-        seed=1,
+        rank=DataRank(dp_rank=0, dp_size=1, micro_batch_size=2),
     )
 
 

@@ -1,7 +1,5 @@
 """Sample order, blending, resumption and long-document upsampling of build_data_iterators."""
 
-import socket
-
 import numpy
 import pytest
 import torch
@@ -11,8 +9,10 @@ import torch.multiprocessing as mp
 from mimo.data.config import DataConfig, DataStageConfig, LongDocConfig
 from mimo.data.errors import DataError
 from mimo.data.indexed import write_indexed
-from mimo.data.loader import build_data_iterators
+from mimo.data.loader import DataRank, build_data_iterators
 from mimo.data.stages import stage_config
+
+from multirank import LOOPBACK, spawn_ranks
 
 SEQ = 32
 SEED = 1234
@@ -54,12 +54,10 @@ def _iterators(
         cfg,
         run_dir=str(run_dir),
         seq_length=SEQ,
-        micro_batch_size=mbs,
+        seed=seed,
         train_samples=train_samples,
         consumed_samples=consumed,
-        dp_rank=dp_rank,
-        dp_size=dp_size,
-        seed=seed,
+        rank=DataRank(dp_rank=dp_rank, dp_size=dp_size, micro_batch_size=mbs),
     )
 
 
@@ -200,35 +198,29 @@ def test_document_boundaries(tmp_path, datasets):
     assert checked > 5, "samples of 20-120 token documents should cross document boundaries"
 
 
-def _rank_main(rank: int, port: int, cfg: DataConfig, run_dir: str, queue) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+def _rank_main(rank: int, ports: list[int], cfg: DataConfig, run_dir: str, queue) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://{LOOPBACK}:{ports[0]}", rank=rank, world_size=2)
     try:
         data = build_data_iterators(
             cfg,
             run_dir=run_dir,
             seq_length=SEQ,
-            micro_batch_size=2,
+            seed=SEED,
             train_samples=400,
             consumed_samples=4,
-            dp_rank=rank,
-            dp_size=2,
-            seed=SEED,
+            rank=DataRank(dp_rank=rank, dp_size=2, micro_batch_size=2),
         )
         queue.put((rank, [next(data.train)["sample_index"].tolist() for _ in range(3)]))
     finally:
         dist.destroy_process_group()
 
 
+@pytest.mark.system
 def test_two_ranks_build_once_and_split_each_window(tmp_path):
     """Under torch.distributed rank 0 builds the shipped dataset and index caches while rank 1 waits."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     cfg = DataConfig(cache_dir=str(tmp_path / "cache"))
-    # spawn, not fork: earlier tests in this process may have run gloo, whose threads a forked child inherits
-    # half-alive (the child's process-group set-up then deadlocks).
     queue = mp.get_context("spawn").SimpleQueue()
-    mp.start_processes(_rank_main, args=(port, cfg, str(tmp_path), queue), nprocs=2, start_method="spawn")
+    spawn_ranks(_rank_main, 2, cfg, str(tmp_path), queue)
     results = dict(queue.get() for _ in range(2))
     assert results[0] == [[4, 5], [8, 9], [12, 13]]
     assert results[1] == [[6, 7], [10, 11], [14, 15]]

@@ -99,6 +99,7 @@ def test_no_merge_lists_shards_as_blend(tmp_path, mixed_inputs):
     assert sum(weights) == summary.tokens
 
 
+@pytest.mark.system
 def test_interrupted_run_resumes_to_identical_output(tmp_path, texts):
     big = tmp_path / "big.jsonl"
     with open(big, "w", encoding="utf-8") as writer:
@@ -157,5 +158,5 @@ def test_missing_and_unreadable_inputs_name_the_file(tmp_path, capsys):
     broken.write_bytes(b"this is not parquet")
     with pytest.raises(DataError, match="broken.parquet"):
         preprocess(_config([str(broken)], tmp_path / "out"))
-    assert main(["--input", str(broken), "--output", str(tmp_path / "out")]) == 1
+    assert main(["--input", str(broken), "--output", str(tmp_path / "out")]) == 2
     assert "broken.parquet" in capsys.readouterr().err

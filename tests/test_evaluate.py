@@ -19,11 +19,12 @@ import torch.nn.functional as F
 
 from mimo.data import build_tokenizer
 from mimo.data.config import DataConfig
-from mimo.train.convert import import_hf
-from mimo.train.evaluate import evaluate, main
+from mimo.train.tools.evaluate import evaluate, main
 
-SEQ = 32
-EVAL = (f"train.seq_length={SEQ}", "train.global_batch_size=4", "train.micro_batch_size=2")
+from tiny_hub import IMPORT_OVERRIDES, IMPORT_SEQ
+
+SEQ = IMPORT_SEQ
+EVAL = IMPORT_OVERRIDES
 RELATIVE = 1e-5
 TEXT = (
     "The Jargon File is a comprehensive compendium of hacker slang illuminating many aspects of hackish tradition,"
@@ -66,13 +67,6 @@ def reference(hub, stream, seq_length: int) -> Reference:
 
 
 @pytest.fixture(scope="module")
-def run_dir(hub, tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs") / "imported"
-    import_hf(hub.directory, out, EVAL)
-    return out
-
-
-@pytest.fixture(scope="module")
 def tokenizer():
     return build_tokenizer(DataConfig())
 
@@ -85,14 +79,14 @@ def text_file(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def single_rank(run_dir, text_file):
-    return evaluate(run_dir, text_file, EVAL)
+def single_rank_result(imported, text_file):
+    return evaluate(imported, text_file, EVAL)
 
 
-def test_loss_mtp_loss_and_acceptance_match_transformers(hub, tokenizer, single_rank):
+def test_loss_mtp_loss_and_acceptance_match_transformers(hub, tokenizer, single_rank_result):
     stream = tokenizer.encode(TEXT) + [tokenizer.eod]
     expected = reference(hub, stream, SEQ)
-    result = single_rank
+    result = single_rank_result
     assert len(stream) - 1 > 3 * SEQ and (len(stream) - 1) % SEQ, (
         "the text should fill several sequences, the last partly"
     )
@@ -107,29 +101,30 @@ def test_loss_mtp_loss_and_acceptance_match_transformers(hub, tokenizer, single_
     assert result.mtp_acceptance == pytest.approx(expected.acceptance, abs=0.5 / expected.mtp_tokens)
 
 
-def test_jsonl_text_and_input_ids_give_the_same_result_as_one_json_line(run_dir, tokenizer, tmp_path, capsys):
+def test_jsonl_text_and_input_ids_give_the_same_result_as_one_json_line(imported, tokenizer, tmp_path, capsys):
     documents = [TEXT[:200], TEXT[200:]]
     (tmp_path / "text.jsonl").write_text("\n".join(json.dumps({"text": doc}) for doc in documents) + "\n\n")
     ids = [token for doc in documents for token in tokenizer.encode(doc) + [tokenizer.eod]]
     (tmp_path / "ids.jsonl").write_text(
         json.dumps({"input_ids": ids[:45]}) + "\n" + json.dumps({"input_ids": ids[45:]}) + "\n"
     )
-    from_text = evaluate(run_dir, tmp_path / "text.jsonl", EVAL)
+    from_text = evaluate(imported, tmp_path / "text.jsonl", EVAL)
     capsys.readouterr()
-    assert main([str(run_dir), str(tmp_path / "ids.jsonl"), *EVAL]) == 0
+    assert main([str(imported), str(tmp_path / "ids.jsonl"), *EVAL]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 1
     assert json.loads(lines[0]) == json.loads(json.dumps(asdict(from_text)))
     assert from_text.tokens == len(ids) - 1
 
 
-def test_out_of_vocabulary_ids_are_refused(run_dir, tmp_path, capsys):
+def test_out_of_vocabulary_ids_are_refused(imported, tmp_path, capsys):
     (tmp_path / "bad.jsonl").write_text(json.dumps({"input_ids": [1, 2, 4096]}) + "\n")
-    assert main([str(run_dir), str(tmp_path / "bad.jsonl"), *EVAL]) == 2
+    assert main([str(imported), str(tmp_path / "bad.jsonl"), *EVAL]) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and "0..4095" in captured.err
 
 
+@pytest.mark.system
 @pytest.mark.parametrize(
     "layout",
     [
@@ -138,7 +133,7 @@ def test_out_of_vocabulary_ids_are_refused(run_dir, tmp_path, capsys):
     ],
     ids=["dp2-ep2", "cp2"],
 )
-def test_two_ranks_give_the_same_result(run_dir, text_file, single_rank, layout):
+def test_two_ranks_give_the_same_result(imported, text_file, single_rank_result, layout):
     command = [
         sys.executable,
         "-m",
@@ -147,8 +142,8 @@ def test_two_ranks_give_the_same_result(run_dir, text_file, single_rank, layout)
         "--nproc-per-node",
         "2",
         "-m",
-        "mimo.train.evaluate",
-        str(run_dir),
+        "mimo.train.tools.evaluate",
+        str(imported),
         str(text_file),
         *EVAL,
         layout,
@@ -159,7 +154,9 @@ def test_two_ranks_give_the_same_result(run_dir, text_file, single_rank, layout)
     lines = [line for line in job.stdout.splitlines() if line.startswith("{")]
     assert len(lines) == 1, job.stdout
     result = json.loads(lines[0])
-    assert result["tokens"] == single_rank.tokens and result["mtp_tokens"] == single_rank.mtp_tokens
-    assert result["loss"] == pytest.approx(single_rank.loss, rel=RELATIVE)
-    assert result["mtp_loss"] == pytest.approx(single_rank.mtp_loss, rel=RELATIVE)
-    assert result["mtp_acceptance"] == pytest.approx(single_rank.mtp_acceptance, abs=0.5 / single_rank.mtp_tokens)
+    assert result["tokens"] == single_rank_result.tokens and result["mtp_tokens"] == single_rank_result.mtp_tokens
+    assert result["loss"] == pytest.approx(single_rank_result.loss, rel=RELATIVE)
+    assert result["mtp_loss"] == pytest.approx(single_rank_result.mtp_loss, rel=RELATIVE)
+    assert result["mtp_acceptance"] == pytest.approx(
+        single_rank_result.mtp_acceptance, abs=0.5 / single_rank_result.mtp_tokens
+    )

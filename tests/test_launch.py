@@ -21,7 +21,9 @@ import subprocess
 import time
 from pathlib import Path
 
-from mimo.parallel.runtime import free_port
+import pytest
+
+pytestmark = pytest.mark.system
 
 REPO = Path(__file__).resolve().parents[1]
 NPROC = 2
@@ -141,7 +143,9 @@ def test_stop_and_resume_under_torchrun_and_slurm(tmp_path, data_cache):
         "SLURM_JOB_NODELIST": "node001",
         "SLURM_SUBMIT_DIR": str(REPO),
         "MIMO_GPUS_PER_NODE": str(NPROC),
-        "MASTER_PORT": str(free_port()),
+        # The job's one node hosts the c10d rendezvous; on port 0 its torchrun agent binds a free port itself and
+        # keeps it (as torchrun --standalone does), so no port is picked here and released.
+        "MASTER_PORT": "0",
         "MIMO_TEST_REQUEUES": str(requeues),
     }
     sbatch = ["bash", str(REPO / "launch" / "slurm.sbatch"), *overrides]
@@ -153,7 +157,7 @@ def test_stop_and_resume_under_torchrun_and_slurm(tmp_path, data_cache):
     assert not requeues.exists(), "a preempted job is requeued by Slurm, not by the script"
 
     # 3. the requeued job; near the time limit Slurm sends USR1 to the batch script alone
-    job = _start(sbatch, {**slurm, "SLURM_RESTART_COUNT": "1", "MASTER_PORT": str(free_port())})
+    job = _start(sbatch, {**slurm, "SLURM_RESTART_COUNT": "1"})
     output = _train_then_stop(job, run_dir, lambda job: os.kill(job.pid, signal.SIGUSR1))
     assert job.returncode == 0, output
     assert "time limit near" in output

@@ -25,12 +25,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from layout_runs import Run, run_group, run_single, tensor_differences, worst_metric_difference
 
 from mimo.model.config import ModelConfig
 from mimo.parallel.backend_limits import check_backend_support
 from mimo.parallel.config import ParallelConfig
 from mimo.parallel.layout import LayoutError, validate_layout
+
+from layout_runs import Run, run_group, run_single, tensor_differences, worst_metric_difference
 
 TOLERANCE = 1e-5
 RUN = ("train.steps=2", "checkpoint.interval=1", "checkpoint.keep=2")
@@ -75,12 +76,14 @@ def layouts(tmp_path_factory, data_cache, single) -> dict:
     return runs
 
 
+@pytest.mark.system
 def test_context_parallel_weighs_masked_tokens_as_one_rank(tmp_path, data_cache, layouts):
     single_masked = run_single(Run(tmp_path, [*EOD_MASKED, *RUN]), data_cache)
     worst = worst_metric_difference(single_masked.metrics(), layouts["cp2-eod-masked"].metrics())
     assert max(worst.values()) <= TOLERANCE, worst
 
 
+@pytest.mark.system
 @pytest.mark.parametrize("name", [*TWO_RANKS, *FOUR_RANKS])
 def test_losses_and_grad_norms_match_one_rank(name, layouts, single):
     reference = single.metrics()
@@ -90,6 +93,7 @@ def test_losses_and_grad_norms_match_one_rank(name, layouts, single):
     assert max(worst.values()) <= TOLERANCE, worst
 
 
+@pytest.mark.system
 @pytest.mark.parametrize("name", [*TWO_RANKS, *FOUR_RANKS])
 def test_initial_and_trained_tensors_match_one_rank(name, layouts, single):
     first, second = single.metrics()
@@ -111,6 +115,7 @@ def _cli(tmp_path: Path, nproc: int, *overrides: str) -> subprocess.CompletedPro
     return subprocess.run(command, capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.system
 @pytest.mark.parametrize(
     "nproc, overrides, expected",
     [

@@ -24,7 +24,9 @@ import pytest
 from omegaconf import OmegaConf
 
 from mimo.recipes import load_config
-from mimo.train.loop import run_training
+from mimo.train.trainer import run_training
+
+pytestmark = pytest.mark.system
 
 REPO = Path(__file__).resolve().parents[1]
 SCALE = 16

@@ -10,7 +10,6 @@ from mimo.model.accounting import flops_per_token, mean_visible_keys, parameter_
 from mimo.model.builder import build_model
 from mimo.model.config import ModelConfig, PrecisionConfig
 from mimo.parallel.config import ParallelConfig
-from mimo.parallel.runtime import initialize, shutdown
 from mimo.recipes import load_config
 
 SEQ = 48
@@ -62,13 +61,6 @@ def test_mean_visible_keys_counts_the_attention_mask(window):
     windowed = causal & (key >= query - window)
     assert mean_visible_keys(SEQ, None) == pytest.approx(causal.sum().item() / SEQ)
     assert mean_visible_keys(SEQ, window) == pytest.approx(windowed.sum().item() / SEQ)
-
-
-@pytest.fixture(scope="module")
-def single_rank():
-    initialize(ParallelConfig(), ModelConfig(), seed=0, global_batch_size=BATCH, micro_batch_size=BATCH, seq_length=SEQ)
-    yield
-    shutdown()
 
 
 TINY_VARIANTS = {

@@ -16,7 +16,6 @@ from mimo.model.config import AttentionType, ModelConfig, ModelConfigError, Prec
 from mimo.model.core_attention import LocalCoreAttention
 from mimo.model.specs import BackendModules, core_attention_module
 from mimo.parallel.config import ParallelConfig
-from mimo.parallel.runtime import initialize, shutdown
 from mimo.recipes import load_config
 
 SEQ = 32
@@ -26,13 +25,6 @@ BATCH = 2
 @pytest.fixture(scope="module")
 def tiny():
     return load_config().model
-
-
-@pytest.fixture(scope="module")
-def single_rank(tiny):
-    initialize(ParallelConfig(), tiny, seed=0, global_batch_size=BATCH, micro_batch_size=BATCH, seq_length=SEQ)
-    yield
-    shutdown()
 
 
 def test_modules_that_read_training_knobs_share_the_live_config(single_rank, tiny):

@@ -6,7 +6,8 @@ import pytest
 from transformers import MiMoV2FlashConfig
 
 from mimo.model.config import AttentionType, ModelConfig, ModelConfigError, PrecisionConfig
-from mimo.model.hf_mapping import HFMappingError, hf_config_to_mimo, mimo_config_to_hf
+from mimo.model.hf.configs import hf_config_to_mimo, mimo_config_to_hf
+from mimo.model.hf.mapping import HFMappingError
 from mimo.recipes import load_config
 
 

@@ -8,23 +8,22 @@ The sharded test runs the same comparison on two gloo ranks with tensor parallel
 and expert parallelism 2, each rank loading only its slice of the Hub tensors.
 """
 
-import os
-
 import pytest
-import tiny_hub
 import torch
-import torch.multiprocessing as mp
 from megatron.core import dist_checkpointing
 from safetensors.torch import load_file, save_file
-from tiny_hub import FULL, SLIDING, mtp_block_tensors
-from transformers import MiMoV2FlashConfig, MiMoV2FlashForCausalLM, MiMoV2FlashModel
-from transformers.models.mimo_v2_flash.modeling_mimo_v2_flash import MiMoV2FlashRMSNorm
+from transformers import MiMoV2FlashConfig, MiMoV2FlashForCausalLM
 
 from mimo.model.builder import build_model
 from mimo.model.config import ModelConfig, PrecisionConfig
-from mimo.model.hf_mapping import ShardLayout, hf_config_to_mimo, hf_to_mimo, mimo_config_to_hf, mimo_to_hf
+from mimo.model.hf.configs import hf_config_to_mimo, mimo_config_to_hf
+from mimo.model.hf.mapping import ShardLayout, hf_to_mimo, mimo_to_hf
 from mimo.parallel.config import ParallelConfig
-from mimo.parallel.runtime import free_port, initialize, shutdown
+from mimo.parallel.runtime import initialize, shutdown
+
+import tiny_hub
+from multirank import spawn_ranks
+from tiny_hub import FULL, SLIDING, make_mtp_block, randomize_sinks_and_expert_biases
 
 SEQ = 40
 BATCH = 2
@@ -40,22 +39,10 @@ HF_TINY = {
 
 
 @pytest.fixture(scope="module")
-def single_rank():
-    initialize(ParallelConfig(), ModelConfig(), seed=3, global_batch_size=BATCH, micro_batch_size=BATCH, seq_length=SEQ)
-    yield
-    shutdown()
-
-
-@pytest.fixture(scope="module")
 def hf_model():
     torch.manual_seed(0)
     model = MiMoV2FlashForCausalLM(MiMoV2FlashConfig(**HF_TINY)).eval()
-    with torch.no_grad():
-        for layer in model.model.layers:
-            if layer.self_attn.sinks is not None:
-                layer.self_attn.sinks.normal_(0.0, 1.0)
-            if hasattr(layer.mlp, "gate"):
-                layer.mlp.gate.e_score_correction_bias.normal_(0.0, 0.05)
+    randomize_sinks_and_expert_biases(model.model.layers)
     return model
 
 
@@ -99,28 +86,16 @@ def test_logits_match_transformers(single_rank, hf_model, hub_tensors):
 def test_mtp_block_matches_reference_built_from_transformers_modules(single_rank, hf_model, hub_tensors):
     """MTP depth 1: final_norm(layer(eh_proj([enorm(emb(t[i+1])); hnorm(h_i)]))), layer = dense-FFN SWA + sink."""
     torch.manual_seed(5)
-    body_config = MiMoV2FlashConfig(
-        **{**HF_TINY, "num_hidden_layers": 1, "layer_types": [SLIDING], "mlp_layer_types": ["dense"]}
-    )
-    body = MiMoV2FlashModel(body_config).eval()  # layers[0] is the MTP layer, norm its final_layernorm
-    hidden = HF_TINY["hidden_size"]
-    enorm, hnorm = MiMoV2FlashRMSNorm(hidden, 1e-5), MiMoV2FlashRMSNorm(hidden, 1e-5)
-    eh_proj = torch.nn.Linear(2 * hidden, hidden, bias=False)
-    with torch.no_grad():
-        for norm in (enorm, hnorm, body.norm, body.layers[0].input_layernorm, body.layers[0].post_attention_layernorm):
-            norm.weight.uniform_(0.5, 1.5)
-        body.layers[0].self_attn.sinks.normal_(0.0, 1.0)
+    block = make_mtp_block(HF_TINY)
     cfg = hf_config_to_mimo(hf_model.config, base=ModelConfig(mtp_num_layers=1))
-    model = mimo_from_hub(cfg, {**hub_tensors, **mtp_block_tensors(enorm, hnorm, eh_proj, body)})
+    model = mimo_from_hub(cfg, {**hub_tensors, **block.tensors()})
     captured = {}
     model.mtp.register_forward_hook(lambda module, args, output: captured.setdefault("out", output))
     ids = torch.randint(0, cfg.vocab_size, (BATCH, SEQ), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         model(ids, None, None, labels=ids)
         mtp_hidden = captured["out"][SEQ:].transpose(0, 1)  # main and MTP hidden states are concatenated on s
-        main_hidden = hf_model.model(ids).last_hidden_state
-        fused = eh_proj(torch.cat([enorm(hf_model.model.embed_tokens(ids[:, 1:])), hnorm(main_hidden[:, :-1])], -1))
-        expected = body(inputs_embeds=fused).last_hidden_state
+        expected = block.hidden(hf_model, ids)
     # The last position sees a rolled-in padding token instead of t[s]; it has no target anyway.
     assert (mtp_hidden[:, : SEQ - 1] - expected).abs().max().item() <= TOLERANCE
     # Without labels (evaluation) the model returns the main model's logits; MTP blocks only train.
@@ -151,15 +126,8 @@ SHARDED = ParallelConfig(tp=2, ep=2)
 SHARDED_RANKS = 2
 
 
-def _sharded_rank(rank: int, port: int, hub_path: str, out_dir: str) -> None:
+def _sharded_rank(rank: int, ports: list[int], hub_path: str, out_dir: str) -> None:
     """One rank of the TP=2/EP=2 run: build, load this rank's slice, forward, save gathered logits."""
-    os.environ.update(
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(SHARDED_RANKS),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
     cfg = hf_config_to_mimo(MiMoV2FlashConfig(**HF_TINY), base=ModelConfig(mtp_num_layers=0))
     initialize(SHARDED, cfg, seed=3, global_batch_size=BATCH, micro_batch_size=BATCH, seq_length=SEQ)
     try:
@@ -181,13 +149,14 @@ def _sharded_rank(rank: int, port: int, hub_path: str, out_dir: str) -> None:
         shutdown()
 
 
+@pytest.mark.system
 def test_tp2_ep2_logits_match_transformers_and_checkpoint_reshards_to_one_rank(
     single_rank, hf_model, hub_tensors, tmp_path
 ):
     hub_path = str(tmp_path / "hub.safetensors")
     save_file(dict(hub_tensors), hub_path)
     (tmp_path / "checkpoint").mkdir()
-    mp.spawn(_sharded_rank, args=(free_port(), hub_path, str(tmp_path)), nprocs=SHARDED_RANKS, join=True)
+    spawn_ranks(_sharded_rank, SHARDED_RANKS, hub_path, str(tmp_path))
     with torch.no_grad():
         expected = hf_model(parity_ids(HF_TINY["vocab_size"])).logits
     heads = HF_TINY["num_attention_heads"]

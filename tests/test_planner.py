@@ -9,21 +9,14 @@ from mimo.model import accounting
 from mimo.parallel.config import ParallelConfig
 from mimo.parallel.layout import validate_layout
 from mimo.recipes import load_config
-from mimo.train.planner import (
-    FULL_RECOMPUTE,
-    GIB,
-    GPUS,
-    PlanError,
-    Recompute,
-    _in_flight,
-    _stage_params,
-    communication,
-    estimate_memory,
-    main,
-    make_plan,
-    resolve_layout,
-)
 from mimo.train.schedule import Schedule
+from mimo.train.tools.plan.activations import Recompute, in_flight_micro_batches
+from mimo.train.tools.plan.cli import main
+from mimo.train.tools.plan.communication import communication
+from mimo.train.tools.plan.memory import estimate_memory
+from mimo.train.tools.plan.parameters import stage_params
+from mimo.train.tools.plan.planning import FULL_RECOMPUTE, make_plan
+from mimo.train.tools.plan.settings import GIB, GPUS, PlanError, resolve_layout
 
 V, H = 152_576, 4096
 SEQ, TP, PP, EP = 32768, 4, 16, 16
@@ -53,7 +46,7 @@ def test_every_parameter_is_placed_once(stage1, pp):
     cfg = replace(stage1, parallel=replace(stage1.parallel, pp=pp))
     layout = resolve_layout(cfg, 256 if pp > 1 else 64)
     placed = sum(
-        p.tensor_parallel + p.replicated + p.experts for p in (_stage_params(cfg.model, layout, r) for r in range(pp))
+        p.tensor_parallel + p.replicated + p.experts for p in (stage_params(cfg.model, layout, r) for r in range(pp))
     )
     assert placed == accounting.parameter_counts(cfg.model).total + (V * H if pp > 1 else 0)
 
@@ -126,9 +119,9 @@ def test_in_flight_micro_batches():
         parallel = ParallelConfig(pp=4, vpp=vpp)
         return validate_layout(parallel, model, 4, global_batch_size=8, micro_batch_size=1, seq_length=8)
 
-    assert [_in_flight(layout(None), r) for r in range(4)] == [4, 3, 2, 1]
+    assert [in_flight_micro_batches(layout(None), r) for r in range(4)] == [4, 3, 2, 1]
     # interleaved 1F1B: warm-up (pp - r - 1) * 2 + (vpp - 1) * pp chunks, then one more
-    assert [_in_flight(layout(2), r) for r in range(4)] == [11, 9, 7, 5]
+    assert [in_flight_micro_batches(layout(2), r) for r in range(4)] == [11, 9, 7, 5]
 
 
 def test_throughput_and_days(stage1):

@@ -41,18 +41,19 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-import torch.multiprocessing as mp
-from megatron.core.distributed import finalize_model_grads
 from torch.utils.flop_counter import FlopCounterMode
 
 from mimo.model.accounting import flops_per_token
 from mimo.model.builder import build_model
 from mimo.model.config import AttentionType, ModelConfig
-from mimo.parallel.runtime import free_port, initialize, shutdown
+from mimo.parallel.runtime import initialize, shutdown
 from mimo.recipes import MimoConfig, load_config
-from mimo.train.loop import build_optimizer, wrap_ddp
-from mimo.train.planner import BYTES, PlannerSettings, StageMemory, estimate_memory
-from mimo.train.step import train_step
+from mimo.train.build import build_training_model
+from mimo.train.step import MicroBatching, train_step
+from mimo.train.tools.plan.memory import StageMemory, estimate_memory
+from mimo.train.tools.plan.settings import BYTES, PlannerSettings
+
+from multirank import spawn_ranks
 
 SEQ, MICRO_BATCH = 128, 2
 ACTIVATION_TOLERANCE = 0.25
@@ -125,7 +126,7 @@ def _master_groups(part) -> list:
 
 
 def measure(cfg: MimoConfig) -> dict[str, int]:
-    """One training step of ``cfg`` on this rank's process group, built as train/loop.py builds it; the bytes by
+    """One training step of ``cfg`` on this rank's process group, built as the Trainer builds it; the bytes by
     part (see the module docstring). Leaves the parallel state up (the caller shuts it down)."""
     runtime = initialize(
         cfg.parallel,
@@ -135,25 +136,14 @@ def measure(cfg: MimoConfig) -> dict[str, int]:
         micro_batch_size=cfg.train.micro_batch_size,
         seq_length=cfg.train.seq_length,
     )
-    chunks = build_model(cfg.model, cfg.parallel, cfg.precision, seq_length=cfg.train.seq_length)
-    config = chunks[0].config
-    chunks = wrap_ddp(chunks, config, cfg.parallel.distributed_optimizer)
-    optimizer = build_optimizer(cfg, chunks, cfg.parallel.distributed_optimizer)
-    config.finalize_model_grads_func = finalize_model_grads
-    config.grad_scale_func = optimizer.scale_loss
-    config.no_sync_func = chunks[0].no_sync
-
+    chunks, optimizer = build_training_model(cfg, seed=None)
+    batching = MicroBatching(
+        num_microbatches=cfg.train.global_batch_size // (cfg.train.micro_batch_size * runtime.layout.dp),
+        micro_batch_size=cfg.train.micro_batch_size,
+        seq_length=cfg.train.seq_length,
+    )
     with SavedTensors(chunks) as saved:
-        train_step(
-            chunks,
-            optimizer,
-            [_batches(cfg)],
-            config,
-            num_microbatches=cfg.train.global_batch_size // (cfg.train.micro_batch_size * runtime.layout.dp),
-            micro_batch_size=cfg.train.micro_batch_size,
-            seq_length=cfg.train.seq_length,
-            device=runtime.device,
-        )
+        train_step(chunks, optimizer, [_batches(cfg)], batching, runtime.device)
 
     params = [p for chunk in chunks for p in chunk.parameters()]
     buffers = [b for chunk in chunks for b in (*chunk.buffers, *chunk.expert_parallel_buffers)]
@@ -198,7 +188,7 @@ VARIANTS = {
 
 
 @pytest.fixture(scope="module", params=sorted(VARIANTS))
-def single_rank(request):
+def measured(request):
     cfg = tiny(
         *VARIANTS[request.param], f"train.global_batch_size={MICRO_BATCH}", "parallel.distributed_optimizer=false"
     )
@@ -209,8 +199,8 @@ def single_rank(request):
     return Compared(measured, estimate_memory(cfg, world_size=1, settings=LOCAL).stages[0]), cfg
 
 
-def test_weights_gradients_and_optimizer_state_are_what_is_allocated(single_rank):
-    compared, cfg = single_rank
+def test_weights_gradients_and_optimizer_state_are_what_is_allocated(measured):
+    compared, cfg = measured
     m, plan = compared.measured, compared.planned
     assert m["weights"] == m["weight_storage"] == plan.weights
     assert m["gradients"] == plan.gradients
@@ -228,26 +218,23 @@ def planned_saved(plan: StageMemory, cfg: MimoConfig) -> int:
     return plan.activations + plan.logits - (transient if cfg.precision.dtype == "bf16" else 0)
 
 
-def test_activation_estimate_matches_the_saved_tensors(single_rank):
-    compared, cfg = single_rank
+def test_activation_estimate_matches_the_saved_tensors(measured):
+    compared, cfg = measured
     planned = planned_saved(compared.planned, cfg)
     measured = compared.measured["activations"]
     assert planned == pytest.approx(measured, rel=ACTIVATION_TOLERANCE)
     assert planned == pytest.approx(measured, rel=MODEL_PRECISION), (planned, measured)
 
 
-def test_flash_attention_estimate_would_miss_the_cpu_scores(single_rank):
+def test_flash_attention_estimate_would_miss_the_cpu_scores(measured):
     """The TE model (no score matrices, TE norms) is not what runs here: it under-estimates the CPU run."""
-    compared, cfg = single_rank
+    compared, cfg = measured
     flash = estimate_memory(cfg, world_size=1).stages[0]
     assert flash.activations + flash.logits < 0.9 * compared.measured["activations"]
 
 
-def _two_rank_worker(rank: int, port: int, out_dir: str, overrides: tuple) -> None:
+def _two_rank_worker(rank: int, ports: list[int], out_dir: str, overrides: tuple) -> None:
     torch.set_num_threads(1)  # two ranks share the machine's cores
-    os.environ.update(
-        RANK=str(rank), WORLD_SIZE=str(WORLD_SIZE), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
-    )
     try:
         result = measure(tiny(*overrides))
     finally:
@@ -264,6 +251,7 @@ TWO_RANK_LAYOUTS = {
 }
 
 
+@pytest.mark.system
 @pytest.mark.parametrize("layout", sorted(TWO_RANK_LAYOUTS))
 def test_two_ranks_with_the_distributed_optimizer(tmp_path, layout):
     """EP=2 or CP=2 with bf16 and the distributed optimizer: experts split over the ranks (EP), or sequences
@@ -272,8 +260,8 @@ def test_two_ranks_with_the_distributed_optimizer(tmp_path, layout):
     hold it exactly. The rows each rank's experts receive depend on the routing, which the planner takes as
     balanced."""
     overrides = (*TWO_RANK_LAYOUTS[layout], "precision.dtype=bf16")
-    # spawn, not fork: the parent has trained already, and its OpenMP pool does not survive a fork.
-    mp.spawn(_two_rank_worker, args=(free_port(), str(tmp_path), overrides), nprocs=WORLD_SIZE, join=True)
+    # spawned (tests/multirank.py): the parent has trained already, and its OpenMP pool does not survive a fork.
+    spawn_ranks(_two_rank_worker, WORLD_SIZE, str(tmp_path), overrides)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD_SIZE)]
     cfg = tiny(*overrides)
     plan = estimate_memory(cfg, world_size=WORLD_SIZE, settings=LOCAL).stages[0]

@@ -18,7 +18,10 @@ of sums agree to about 1e-7 in the metrics and 1e-6 in the tensors; loading a ch
 from dataclasses import dataclass
 
 import pytest
+
 from layout_runs import Run, run_group, run_single, tensor_differences, worst_metric_difference
+
+pytestmark = pytest.mark.system
 
 TOLERANCE = 1e-5
 STEPS = ("train.steps=3", "checkpoint.interval=2")

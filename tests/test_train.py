@@ -13,9 +13,9 @@ import torch
 from omegaconf import OmegaConf
 
 from mimo.recipes import load_config
-from mimo.train import checkpoint as ckpt
-from mimo.train.checkpoint import CheckpointError
-from mimo.train.loop import run_training
+from mimo.train.checkpoint import CheckpointError, storage
+from mimo.train.checkpoint.manager import latest_checkpoint
+from mimo.train.trainer import run_training
 
 RESUME_TOLERANCE = 1e-6
 STEPS = 6
@@ -43,6 +43,7 @@ def uninterrupted(tmp_path_factory, data_cache):
     return run_training(tiny(run_dir, data_cache, "checkpoint.interval=100"))
 
 
+@pytest.mark.system
 def test_main_job_learns_and_writes_its_outputs(tmp_path, data_cache):
     steps = 40
     job = launch(
@@ -70,6 +71,7 @@ def test_main_job_learns_and_writes_its_outputs(tmp_path, data_cache):
     assert list((tmp_path / "wandb").glob("offline-run-*")), "no offline wandb run was written"
 
 
+@pytest.mark.system
 def test_resume_reproduces_the_uninterrupted_run(tmp_path, data_cache, uninterrupted):
     first = run_training(tiny(tmp_path, data_cache, "train.stop_after_steps=3"))
     second = run_training(tiny(tmp_path, data_cache))
@@ -80,8 +82,9 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, data_cache, uninterru
     assert second.state.consumed_samples == uninterrupted.state.consumed_samples
 
 
+@pytest.mark.system
 def test_a_kill_during_save_leaves_the_previous_checkpoint_usable(tmp_path, data_cache, uninterrupted, monkeypatch):
-    real_save = ckpt.dist_checkpointing.save
+    real_save = storage.dist_checkpointing.save
     saves = []
 
     def dies_in_second_save(*args, **kwargs):
@@ -90,20 +93,21 @@ def test_a_kill_during_save_leaves_the_previous_checkpoint_usable(tmp_path, data
         if len(saves) == 2:
             raise KeyboardInterrupt("killed mid-save")  # ... but the process dies before the save completes
 
-    monkeypatch.setattr(ckpt.dist_checkpointing, "save", dies_in_second_save)
+    monkeypatch.setattr(storage.dist_checkpointing, "save", dies_in_second_save)
     with pytest.raises(KeyboardInterrupt):
         run_training(tiny(tmp_path, data_cache, "checkpoint.interval=2"))
     checkpoints = tmp_path / "checkpoints"
     assert (checkpoints / "latest").read_text() == "step_0000002"
     assert (checkpoints / "step_0000004.partial").exists() and not (checkpoints / "step_0000004").exists()
 
-    monkeypatch.setattr(ckpt.dist_checkpointing, "save", real_save)
+    monkeypatch.setattr(storage.dist_checkpointing, "save", real_save)
     resumed = run_training(tiny(tmp_path, data_cache, "checkpoint.interval=2"))
     assert resumed.resumed_from.endswith("step_0000002")
     assert resumed.losses == pytest.approx(uninterrupted.losses[2:], rel=RESUME_TOLERANCE, abs=0)
     assert not (checkpoints / "step_0000004.partial").exists()
 
 
+@pytest.mark.system
 def test_sigterm_checkpoints_and_a_rerun_continues(tmp_path, data_cache):
     common = ("train.steps=200", "logging.interval=1", "checkpoint.interval=1000")
     job = launch(tmp_path, data_cache, *common, start_new_session=True)
@@ -127,15 +131,17 @@ def test_sigterm_checkpoints_and_a_rerun_continues(tmp_path, data_cache):
     assert steps == list(range(1, stopped_at + 3))
 
 
+@pytest.mark.system
 def test_damaged_checkpoint_is_refused_before_loading(tmp_path, data_cache):
     run_training(tiny(tmp_path, data_cache, "train.stop_after_steps=1"))
-    latest = ckpt.latest_checkpoint(str(tmp_path / "checkpoints"))
+    latest = latest_checkpoint(str(tmp_path / "checkpoints"))
     shard = sorted(latest.glob("*.distcp"))[0]
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     with pytest.raises(CheckpointError, match="truncated"):
         run_training(tiny(tmp_path, data_cache))
 
 
+@pytest.mark.system
 def test_checkpoint_of_another_architecture_is_refused_with_the_keys(tmp_path, data_cache):
     run_training(tiny(tmp_path, data_cache, "train.stop_after_steps=1"))
     with pytest.raises(CheckpointError, match=r"model\.num_experts: checkpoint 8, config 4"):
@@ -145,9 +151,10 @@ def test_checkpoint_of_another_architecture_is_refused_with_the_keys(tmp_path, d
 def test_dangling_latest_pointer_is_reported(tmp_path):
     (tmp_path / "latest").write_text("step_0000009")
     with pytest.raises(CheckpointError, match="step_0000009"):
-        ckpt.latest_checkpoint(str(tmp_path))
+        latest_checkpoint(str(tmp_path))
 
 
+@pytest.mark.system
 def test_the_log_says_which_datasets_fed_each_interval(tmp_path, data_cache):
     from mimo.data.config import PreprocessConfig
     from mimo.data.preprocess import preprocess

@@ -48,14 +48,94 @@ MTP_SHARD = "model-mtp.safetensors"
 INDEX = "model.safetensors.index.json"
 
 
+SINK_STD = 1.0
+EXPERT_BIAS_STD = 0.05
+"""transformers starts sinks and expert biases at zero; nonzero values make their mapping matter."""
+NORM_RANGE = (0.5, 1.5)
+IMPORT_SEQ = 32
+IMPORT_OVERRIDES = (f"train.seq_length={IMPORT_SEQ}", "train.global_batch_size=4", "train.micro_batch_size=2")
+"""The settings the tests import the tiny Hub checkpoint with (``imported`` in conftest.py)."""
+
+
+def randomize_sinks_and_expert_biases(layers) -> None:
+    """Nonzero attention sinks and expert biases in transformers decoder layers."""
+    with torch.no_grad():
+        for layer in layers:
+            if layer.self_attn.sinks is not None:
+                layer.self_attn.sinks.normal_(0.0, SINK_STD)
+            if hasattr(layer.mlp, "gate"):
+                layer.mlp.gate.e_score_correction_bias.normal_(0.0, EXPERT_BIAS_STD)
+
+
+@dataclass
+class MtpBlock:
+    """MTP block 0 built from transformers' modules: ``body`` is a one-layer MiMoV2FlashModel whose layer is the
+    block's SWA + dense-FFN layer and whose final norm is the block's final_layernorm."""
+
+    enorm: MiMoV2FlashRMSNorm
+    hnorm: MiMoV2FlashRMSNorm
+    eh_proj: torch.nn.Linear
+    body: MiMoV2FlashModel
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The block in the Hub's naming."""
+        prefix = "model.mtp.layers.0."
+        layer = self.body.layers[0]
+        tensors = {
+            f"{prefix}enorm.weight": self.enorm.weight,
+            f"{prefix}hnorm.weight": self.hnorm.weight,
+            f"{prefix}eh_proj.weight": self.eh_proj.weight,
+            f"{prefix}final_layernorm.weight": self.body.norm.weight,
+            f"{prefix}input_layernorm.weight": layer.input_layernorm.weight,
+            f"{prefix}pre_mlp_layernorm.weight": layer.post_attention_layernorm.weight,
+            f"{prefix}self_attn.attention_sink_bias": layer.self_attn.sinks,
+            **{f"{prefix}self_attn.{p}_proj.weight": getattr(layer.self_attn, f"{p}_proj").weight for p in "qkvo"},
+            **{f"{prefix}mlp.{p}_proj.weight": getattr(layer.mlp, f"{p}_proj").weight for p in ("gate", "up", "down")},
+        }
+        return {name: tensor.detach() for name, tensor in tensors.items()}
+
+    @torch.no_grad()
+    def hidden(self, model: MiMoV2FlashForCausalLM, ids: torch.Tensor) -> torch.Tensor:
+        """[b, s - 1, hidden]: the block's output at position i, which predicts ids[:, i + 2] (``model`` supplies
+        the embedding and the main model's hidden states)."""
+        main = model.model(ids).last_hidden_state
+        embedded = model.model.embed_tokens(ids[:, 1:])
+        fused = self.eh_proj(torch.cat([self.enorm(embedded), self.hnorm(main[:, :-1])], -1))
+        return self.body(inputs_embeds=fused).last_hidden_state
+
+    @torch.no_grad()
+    def logits(self, model: MiMoV2FlashForCausalLM, ids: torch.Tensor) -> torch.Tensor:
+        """[b, s - 1, vocab] through the shared LM head."""
+        return model.lm_head(self.hidden(model, ids))
+
+
+def make_mtp_block(hf_config: dict) -> MtpBlock:
+    """A random MTP block for the model of ``hf_config`` (transformers keyword arguments), norms and sink random."""
+    body = MiMoV2FlashModel(
+        MiMoV2FlashConfig(
+            **{**hf_config, "num_hidden_layers": 1, "layer_types": [SLIDING], "mlp_layer_types": ["dense"]}
+        )
+    ).eval()
+    hidden = hf_config["hidden_size"]
+    block = MtpBlock(
+        MiMoV2FlashRMSNorm(hidden, 1e-5),
+        MiMoV2FlashRMSNorm(hidden, 1e-5),
+        torch.nn.Linear(2 * hidden, hidden, bias=False),
+        body,
+    )
+    layer = body.layers[0]
+    with torch.no_grad():
+        for norm in (block.enorm, block.hnorm, body.norm, layer.input_layernorm, layer.post_attention_layernorm):
+            norm.weight.uniform_(*NORM_RANGE)
+    randomize_sinks_and_expert_biases(body.layers)
+    return block
+
+
 @dataclass
 class TinyHub:
     directory: Path
     model: MiMoV2FlashForCausalLM
-    enorm: MiMoV2FlashRMSNorm
-    hnorm: MiMoV2FlashRMSNorm
-    eh_proj: torch.nn.Linear
-    mtp_body: MiMoV2FlashModel
+    mtp: MtpBlock
     tensors: dict[str, torch.Tensor]
     """Every tensor of the checkpoint, Hub-named, as written."""
 
@@ -63,55 +143,18 @@ class TinyHub:
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model(ids).logits
 
-    @torch.no_grad()
     def mtp_logits(self, ids: torch.Tensor) -> torch.Tensor:
-        """[b, s - 1, vocab]: position i predicts ids[:, i + 2] from ids[:, :i + 2]."""
-        hidden = self.model.model(ids).last_hidden_state
-        embedded = self.model.model.embed_tokens(ids[:, 1:])
-        fused = self.eh_proj(torch.cat([self.enorm(embedded), self.hnorm(hidden[:, :-1])], -1))
-        return self.model.lm_head(self.mtp_body(inputs_embeds=fused).last_hidden_state)
-
-
-def mtp_block_tensors(enorm, hnorm, eh_proj, body) -> dict[str, torch.Tensor]:
-    """MTP block 0 in the Hub's naming, from transformers modules: ``body`` is a one-layer MiMoV2FlashModel
-    whose layer is the block's SWA + dense-FFN layer and whose final norm is the block's final_layernorm."""
-    prefix = "model.mtp.layers.0."
-    layer = body.layers[0]
-    tensors = {
-        f"{prefix}enorm.weight": enorm.weight,
-        f"{prefix}hnorm.weight": hnorm.weight,
-        f"{prefix}eh_proj.weight": eh_proj.weight,
-        f"{prefix}final_layernorm.weight": body.norm.weight,
-        f"{prefix}input_layernorm.weight": layer.input_layernorm.weight,
-        f"{prefix}pre_mlp_layernorm.weight": layer.post_attention_layernorm.weight,
-        f"{prefix}self_attn.attention_sink_bias": layer.self_attn.sinks,
-        **{f"{prefix}self_attn.{p}_proj.weight": getattr(layer.self_attn, f"{p}_proj").weight for p in "qkvo"},
-        **{f"{prefix}mlp.{p}_proj.weight": getattr(layer.mlp, f"{p}_proj").weight for p in ("gate", "up", "down")},
-    }
-    return {name: tensor.detach() for name, tensor in tensors.items()}
+        return self.mtp.logits(self.model, ids)
 
 
 def make_tiny_hub(directory: Path, seed: int = 0) -> TinyHub:
     torch.manual_seed(seed)
     model = MiMoV2FlashForCausalLM(MiMoV2FlashConfig(**HF_TINY)).eval()
-    body = MiMoV2FlashModel(
-        MiMoV2FlashConfig(**{**HF_TINY, "num_hidden_layers": 1, "layer_types": [SLIDING], "mlp_layer_types": ["dense"]})
-    ).eval()
-    hidden = HF_TINY["hidden_size"]
-    enorm, hnorm = MiMoV2FlashRMSNorm(hidden, 1e-5), MiMoV2FlashRMSNorm(hidden, 1e-5)
-    eh_proj = torch.nn.Linear(2 * hidden, hidden, bias=False)
-    layer = body.layers[0]
+    block = make_mtp_block(HF_TINY)
+    randomize_sinks_and_expert_biases(model.model.layers)
     with torch.no_grad():
-        for decoder_layer in model.model.layers:
-            if decoder_layer.self_attn.sinks is not None:
-                decoder_layer.self_attn.sinks.normal_(0.0, 1.0)
-            if hasattr(decoder_layer.mlp, "gate"):
-                decoder_layer.mlp.gate.e_score_correction_bias.normal_(0.0, 0.05)
-        for norm in (enorm, hnorm, body.norm, layer.input_layernorm, layer.post_attention_layernorm):
-            norm.weight.uniform_(0.5, 1.5)
-        layer.self_attn.sinks.normal_(0.0, 1.0)
         model.model.norm.weight[0] = DOMINANT_NORM_WEIGHT
-        body.norm.weight[0] = DOMINANT_NORM_WEIGHT
+        block.body.norm.weight[0] = DOMINANT_NORM_WEIGHT
 
     directory = Path(directory)
     model.save_pretrained(directory, max_shard_size=SHARD_SIZE)
@@ -120,8 +163,8 @@ def make_tiny_hub(directory: Path, seed: int = 0) -> TinyHub:
     for shard in sorted(set(index["weight_map"].values())):
         tensors.update(load_file(str(directory / shard)))
 
-    mtp = {name: tensor.clone().contiguous() for name, tensor in mtp_block_tensors(enorm, hnorm, eh_proj, body).items()}
+    mtp = {name: tensor.clone().contiguous() for name, tensor in block.tensors().items()}
     save_file(mtp, str(directory / MTP_SHARD), metadata={"format": "pt"})
     index["weight_map"].update({name: MTP_SHARD for name in mtp})
     (directory / INDEX).write_text(json.dumps(index))
-    return TinyHub(directory, model, enorm, hnorm, eh_proj, body, {**tensors, **mtp})
+    return TinyHub(directory, model, block, {**tensors, **mtp})

@@ -15,7 +15,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from mimo.train.config import LoggingConfig
+from mimo.recipes.errors import ConfigError
+from mimo.train.config import METRICS_FILE, LoggingConfig
 
 logger = logging.getLogger("mimo")
 
@@ -36,13 +37,13 @@ CONSOLE_FIELDS = (
 class MetricsWriter:
     def __init__(self, run_dir: str, cfg: LoggingConfig, run_config: dict[str, Any], enabled: bool):
         if cfg.wandb not in WANDB_MODES:
-            raise ValueError(f"logging.wandb={cfg.wandb!r}; choose one of {', '.join(WANDB_MODES)}")
+            raise ConfigError(f"logging.wandb={cfg.wandb!r}; choose one of {', '.join(WANDB_MODES)}")
         self.enabled = enabled
         self._wandb = None
         self._jsonl = None
         if not enabled:
             return
-        self._jsonl = open(Path(run_dir) / "metrics.jsonl", "a", buffering=1)
+        self._jsonl = open(Path(run_dir) / METRICS_FILE, "a", buffering=1)
         if cfg.wandb != "off":
             import wandb
 

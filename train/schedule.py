@@ -18,14 +18,12 @@ LR targets are a number, ``"lr"`` (``optim.lr``, the peak) or ``"min_lr"`` (``op
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 
 from mimo.model.config import ModelConfig
-from mimo.train.config import OptimConfig, TrainConfig
-
-TokenAmount = int | float | str
-"""Tokens as a number, a suffixed string ("50B") or a percentage of the run ("10%")."""
+from mimo.recipes.errors import MimoError
+from mimo.train.config import LRSegment, OptimConfig, ScheduleConfig, Stage, TokenAmount, TrainConfig
 
 TOKEN_SUFFIXES: dict[str, int] = {"K": 10**3, "M": 10**6, "B": 10**9, "T": 10**12}
 LR_KINDS = ("linear", "constant", "cosine")
@@ -33,67 +31,8 @@ LR_REFERENCES = ("lr", "min_lr")
 STAGE_VALUE_KEYS = ("mtp_loss_weight", "moe_router_bias_update_rate", "moe_aux_loss_coeff")
 
 
-class ScheduleError(ValueError):
+class ScheduleError(MimoError, ValueError):
     """A schedule config that cannot describe a run; the message names the key to fix."""
-
-
-@dataclass
-class LRSegment:
-    """One piece of the LR curve; segments follow each other from token 0, each starting where the last ended."""
-
-    kind: str = "constant"
-    """linear | constant | cosine (half-cosine from the start value down or up to ``target``)."""
-    tokens: TokenAmount = 0
-    """Length of the segment (see the module docstring for the forms)."""
-    target: float | str | None = None
-    """LR at the end of the segment: a number, "lr" or "min_lr". A constant segment holds the previous value
-    and takes no target."""
-
-
-@dataclass
-class Stage:
-    """A named span of tokens with its own loss weights and MoE balancing settings.
-
-    Stages partition the token axis: each ends at ``end`` and starts where the previous one ended (token 0 for
-    the first). A value left as None keeps the previous stage's value, and in the first stage the model
-    config's value (``model.mtp_loss_weight`` etc.).
-    """
-
-    name: str = "main"
-    end: TokenAmount = "100%"
-    """Token count at which this stage ends (absolute on the run's token axis, not a length)."""
-    mtp_loss_weight: float | None = None
-    moe_router_bias_update_rate: float | None = None
-    moe_aux_loss_coeff: float | None = None
-    recipe: str | None = None
-    """The recipe that trains this stage, optionally followed by overrides ("miniature miniature_stage=stage2");
-    lets ``mimo-plan`` estimate every stage from its own settings."""
-
-
-def _default_lr() -> list[LRSegment]:
-    return [
-        LRSegment(kind="linear", tokens="10%", target="lr"),
-        LRSegment(kind="cosine", tokens="90%", target="min_lr"),
-    ]
-
-
-def _default_stages() -> list[Stage]:
-    return [Stage()]
-
-
-@dataclass
-class ScheduleConfig:
-    """The token-keyed schedule. The default warms up over 10% of the run to ``optim.lr`` and decays by a
-    cosine to ``optim.min_lr`` at the end of ``train.steps``, with a fixed batch and one stage."""
-
-    lr: list[LRSegment] = field(default_factory=_default_lr)
-    """Consecutive segments from token 0; after the last one the LR stays at its final value."""
-    batch_rampup_tokens: TokenAmount = 0
-    """The global batch grows linearly from zero to ``train.global_batch_size`` over this many tokens (0: no
-    ramp), rounded down to whole batch units and never below one unit."""
-    stages: list[Stage] = field(default_factory=_default_stages)
-    stage: str | None = None
-    """The stage this run trains; it stops at that stage's end. None: the first stage."""
 
 
 @dataclass(frozen=True)

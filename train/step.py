@@ -120,18 +120,26 @@ def _reduce_step_metrics(
     return lm_loss, mtp_loss, aux_loss, tokens
 
 
+@dataclass(frozen=True)
+class MicroBatching:
+    """How one optimizer step's global batch is cut: micro-batches per data-parallel rank, and their shape."""
+
+    num_microbatches: int
+    micro_batch_size: int
+    seq_length: int
+
+
 def train_step(
     model_chunks: Sequence[torch.nn.Module],
     optimizer: MegatronOptimizer,
     data_iterators: Sequence[Iterator[Batch]],
-    config: TransformerConfig,
-    *,
-    num_microbatches: int,
-    micro_batch_size: int,
-    seq_length: int,
+    batching: MicroBatching,
     device: torch.device,
     on_micro_batch: Callable[[], None] = lambda: None,
 ) -> StepResult:
+    """Forward and backward over the step's micro-batches (megatron's pipeline schedule for the layout), then the
+    optimizer update. The shared TransformerConfig of the chunks carries the scheduled loss weights."""
+    config: TransformerConfig = model_chunks[0].config
     for chunk in model_chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
@@ -139,13 +147,13 @@ def train_step(
         forward_step_func=partial(forward_step, device, on_micro_batch),
         data_iterator=list(data_iterators) if len(model_chunks) > 1 else data_iterators[0],
         model=list(model_chunks),
-        num_microbatches=num_microbatches,
-        seq_length=seq_length,
-        micro_batch_size=micro_batch_size,
+        num_microbatches=batching.num_microbatches,
+        seq_length=batching.seq_length,
+        micro_batch_size=batching.micro_batch_size,
         forward_only=False,
     )
     update_successful, grad_norm, _ = optimizer.step()
-    lm_loss, mtp_loss, aux_loss, tokens = _reduce_step_metrics(losses, config, num_microbatches)
+    lm_loss, mtp_loss, aux_loss, tokens = _reduce_step_metrics(losses, config, batching.num_microbatches)
     clear_aux_losses_tracker()
     if "values" in MTPLossLoggingHelper.tracker:  # only stages holding MTP blocks ever track a loss
         MTPLossLoggingHelper.clean_loss_in_tracker()

@@ -1,5 +1,5 @@
-"""Hugging Face MiMo-V2-Flash checkpoint directories: config.json in either spelling, safetensors read tensor by
-tensor (FP8 block-quantised weights dequantised on the way), sharded safetensors written back.
+"""Hugging Face MiMo-V2-Flash checkpoint files: safetensors read tensor by tensor (FP8 block-quantised weights
+dequantised on the way), sharded safetensors written back as ``save_pretrained`` names them.
 
 Reading never loads a whole file: the headers give every tensor's name, shape and dtype, and a tensor's bytes are
 read only when it is asked for, so each rank of a converter touches only the tensors it holds.
@@ -18,10 +18,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from mimo.model.config import AttentionType, ModelConfig
-from mimo.model.hf_mapping import HUB_MTP_PRE_MLP_NORM, QUANT_SCALE_SUFFIX
+from mimo.model.hf.mapping import QUANT_SCALE_SUFFIX
+from mimo.recipes.errors import MimoError
 
-CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 SAFETENSORS_METADATA = {"format": "pt"}
@@ -31,16 +30,8 @@ DEFAULT_FP8_BLOCK = (128, 128)
 FP8_DTYPES = {"F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 """safetensors dtype names of the FP8 formats that come with a block scale."""
 
-# Hub (remote-code) spelling of config.json -> transformers' MiMoV2FlashConfig spelling.
-HUB_LAYER_PATTERN, HUB_MOE_FREQ = "hybrid_layer_pattern", "moe_layer_freq"
-HUB_RENAMED = {"layernorm_epsilon": "rms_norm_eps"}
-HUB_DROPPED = ("auto_map", "attention_chunk_size", "topk_method", "swa_qk_head_dim")
-"""Hub keys with no meaning for the architecture (remote code, inference kernels)."""
-HUB_DEFAULT_ROPE = {"rope_theta": 5_000_000.0, "swa_rope_theta": 10_000.0, "partial_rotary_factor": 0.334}
-"""Values the Hub's remote code assumes when config.json leaves a RoPE key out."""
 
-
-class ConvertError(ValueError):
+class ConvertError(MimoError, ValueError):
     """A checkpoint directory that cannot be converted; the message names the files or tensors and the fix."""
 
 
@@ -50,68 +41,6 @@ class TensorInfo:
     shape: tuple[int, ...]
     dtype: str
     """safetensors' dtype name (F32, BF16, F8_E4M3, ...)."""
-
-
-def read_hf_config(directory: Path):
-    """The ``MiMoV2FlashConfig`` of a checkpoint directory, whether config.json uses transformers' keys or the
-    Hub's original ones (``hybrid_layer_pattern``, ``moe_layer_freq``, ``rope_theta``/``swa_rope_theta``,
-    ``swa_num_key_value_heads``, ...)."""
-    from transformers import MiMoV2FlashConfig
-
-    path = Path(directory) / CONFIG_FILE
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ConvertError(f"cannot read {path}: {err}; point at a Hugging Face MiMo-V2-Flash directory") from err
-    return MiMoV2FlashConfig(**_transformers_spelling(raw, path))
-
-
-def _transformers_spelling(raw: dict[str, Any], path: Path) -> dict[str, Any]:
-    if HUB_LAYER_PATTERN not in raw:
-        return raw
-    kwargs = {HUB_RENAMED.get(key, key): value for key, value in raw.items() if key not in HUB_DROPPED}
-    _check_hub_only_keys(kwargs, path)
-    kwargs["layer_types"] = [
-        (AttentionType.SLIDING if value else AttentionType.GLOBAL).value for value in kwargs.pop(HUB_LAYER_PATTERN)
-    ]
-    if HUB_MOE_FREQ in kwargs:
-        kwargs["mlp_layer_types"] = ["sparse" if value else "dense" for value in kwargs.pop(HUB_MOE_FREQ)]
-    if kwargs.get("routed_scaling_factor") is None:
-        kwargs["routed_scaling_factor"] = 1.0  # the Hub writes null for "no rescaling"
-    rope = {key: kwargs.pop(key, default) for key, default in HUB_DEFAULT_ROPE.items()}
-    kwargs.setdefault(
-        "rope_parameters",
-        {
-            kind.value: {
-                "rope_type": "default",
-                "rope_theta": rope["swa_rope_theta" if kind is AttentionType.SLIDING else "rope_theta"],
-                "partial_rotary_factor": rope["partial_rotary_factor"],
-            }
-            for kind in AttentionType
-        },
-    )
-    return kwargs
-
-
-def _check_hub_only_keys(kwargs: dict[str, Any], path: Path) -> None:
-    """Hub keys that transformers' port (and mimo) fix to one value: consume them, refusing any other value."""
-    allowed = {
-        "swa_num_key_value_heads": (2 * kwargs.get("num_key_value_heads", 0),),
-        "swa_num_attention_heads": (kwargs.get("num_attention_heads"),),
-        "swa_head_dim": (kwargs.get("head_dim"),),
-        "swa_v_head_dim": (kwargs.get("v_head_dim"),),
-        "add_swa_attention_sink_bias": (True,),
-        "add_full_attention_sink_bias": (False,),
-        "n_shared_experts": (0, None),
-        "scoring_func": ("sigmoid",),
-        "rope_scaling": (None,),
-    }
-    wrong = []
-    for key, values in allowed.items():
-        if key in kwargs and (value := kwargs.pop(key)) not in values:
-            wrong.append(f"{key}={value!r} (supported: {' or '.join(map(repr, values))})")
-    if wrong:
-        raise ConvertError(f"{path}: settings mimo's MiMo-V2-Flash does not support: {'; '.join(wrong)}")
 
 
 def fp8_block(hf_config) -> tuple[int, int]:
@@ -209,57 +138,6 @@ class HFCheckpoint:
             return tensor
         scale_name = name + QUANT_SCALE_SUFFIX
         return dequantize_fp8(tensor, self._handle(self.tensors[scale_name].file).get_tensor(scale_name), self.block)
-
-
-def hub_tensor_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Name and shape of every tensor of a Hub-format checkpoint of this model, MTP blocks included: what
-    ``save_pretrained`` writes plus ``model.mtp.layers.K.*``."""
-    hidden, vocab = cfg.hidden_size, cfg.vocab_size
-    shapes = {
-        "model.embed_tokens.weight": (vocab, hidden),
-        "model.norm.weight": (hidden,),
-        "lm_head.weight": (vocab, hidden),
-    }
-    for layer, kind in enumerate(cfg.layer_types()):
-        shapes.update(_layer_shapes(cfg, f"model.layers.{layer}.", kind, cfg.is_moe(layer), "post_attention_layernorm"))
-    for depth in range(cfg.mtp_num_layers):
-        prefix = f"model.mtp.layers.{depth}."
-        shapes.update({f"{prefix}{norm}.weight": (hidden,) for norm in ("enorm", "hnorm", "final_layernorm")})
-        shapes[f"{prefix}eh_proj.weight"] = (hidden, 2 * hidden)
-        shapes.update(_layer_shapes(cfg, prefix, AttentionType.SLIDING, False, HUB_MTP_PRE_MLP_NORM))
-    return shapes
-
-
-def _layer_shapes(
-    cfg: ModelConfig, prefix: str, kind: AttentionType, moe: bool, pre_mlp_norm: str
-) -> dict[str, tuple[int, ...]]:
-    hidden, heads, groups = cfg.hidden_size, cfg.num_attention_heads, cfg.num_kv_heads(kind)
-    attn = f"{prefix}self_attn."
-    shapes = {
-        f"{prefix}input_layernorm.weight": (hidden,),
-        f"{prefix}{pre_mlp_norm}.weight": (hidden,),
-        f"{attn}q_proj.weight": (heads * cfg.head_dim, hidden),
-        f"{attn}k_proj.weight": (groups * cfg.head_dim, hidden),
-        f"{attn}v_proj.weight": (groups * cfg.v_head_dim, hidden),
-        f"{attn}o_proj.weight": (hidden, heads * cfg.v_head_dim),
-    }
-    if cfg.has_sink(kind):
-        shapes[f"{attn}attention_sink_bias"] = (heads,)
-    if not moe:
-        return {**shapes, **_ffn_shapes(f"{prefix}mlp.", hidden, cfg.ffn_hidden_size)}
-    shapes[f"{prefix}mlp.gate.weight"] = (cfg.num_experts, hidden)
-    shapes[f"{prefix}mlp.gate.e_score_correction_bias"] = (cfg.num_experts,)
-    for expert in range(cfg.num_experts):
-        shapes.update(_ffn_shapes(f"{prefix}mlp.experts.{expert}.", hidden, cfg.moe_ffn_hidden_size))
-    return shapes
-
-
-def _ffn_shapes(prefix: str, hidden: int, width: int) -> dict[str, tuple[int, ...]]:
-    return {
-        f"{prefix}gate_proj.weight": (width, hidden),
-        f"{prefix}up_proj.weight": (width, hidden),
-        f"{prefix}down_proj.weight": (hidden, width),
-    }
 
 
 class _ShardWriter:

@@ -1,4 +1,5 @@
-"""Weight and config conversion between mimo models and Hugging Face MiMo-V2-Flash checkpoints (Hub naming).
+"""The tensor mapping between mimo models and Hugging Face MiMo-V2-Flash checkpoints (Hub naming), written once:
+names, shapes, fused splits and tensor-parallel sharding, used by import, export and the checkpoint checks.
 
 Hub naming (what ``save_pretrained`` and the released safetensors use; transformers fuses experts and renames the
 sink only in memory): ``model.layers.N.self_attn.{q,k,v,o}_proj.weight``, ``self_attn.attention_sink_bias``,
@@ -17,9 +18,8 @@ checkpoints must be dequantised first (``*_scale_inv`` keys are refused).
 single-rank model first: dist_checkpointing reshards).
 """
 
-import dataclasses
 import re
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -27,17 +27,17 @@ from typing import Any
 import torch
 
 from mimo.model.config import AttentionType, ModelConfig
+from mimo.recipes.errors import MimoError
 
-HF_DEFAULT_ROPE_TYPE = "default"
-HF_DENSE, HF_SPARSE = "dense", "sparse"
 HUB_MTP_PRE_MLP_NORM = "pre_mlp_layernorm"
 """The Hub's name for the MTP layer's second norm (decoder layers call it post_attention_layernorm)."""
 QUANT_SCALE_SUFFIX = "_scale_inv"
 
 TensorStream = Iterable[tuple[str, torch.Tensor]]
+Shape = tuple[int, ...]
 
 
-class HFMappingError(ValueError):
+class HFMappingError(MimoError, ValueError):
     """A checkpoint or config that does not match the model it is converted for."""
 
 
@@ -104,6 +104,8 @@ class _Rule:
     mimo: str
     """Name in a full (unsharded, single-stage) mimo model."""
     hf: tuple[str, ...]
+    shapes: tuple[Shape, ...]
+    """The shape of each HF tensor in ``hf``, in the Hub checkpoint."""
     shard: _Shard
     merge: Callable[[Sequence[torch.Tensor]], torch.Tensor]
     split: Callable[[torch.Tensor], list[torch.Tensor]]
@@ -148,99 +150,129 @@ def _qkv_ops(cfg: ModelConfig, kind: AttentionType):
     return merge, split
 
 
+def _plain(mimo: str, hf: str, shape: Shape, shard: _Shard, **where: Any) -> _Rule:
+    """A mimo tensor that is one HF tensor."""
+    return _Rule(mimo, (hf,), (shape,), shard, merge=_identity_merge, split=_identity_split, **where)
+
+
 def _layer_rules(
-    cfg: ModelConfig, mimo: str, hf: str, kind: AttentionType, moe: bool, mtp: bool, **where
+    cfg: ModelConfig, mimo: str, hf: str, kind: AttentionType, moe: bool, mtp: bool, **where: Any
 ) -> list[_Rule]:
     """Rules of one transformer layer: decoder layer (mimo ``decoder.layers.i.``) or MTP layer."""
+    hidden, heads, groups = cfg.hidden_size, cfg.num_attention_heads, cfg.num_kv_heads(kind)
     qkv_merge, qkv_split = _qkv_ops(cfg, kind)
-    plain = dict(merge=_identity_merge, split=_identity_split, **where)
     pre_mlp_norm = HUB_MTP_PRE_MLP_NORM if mtp else "post_attention_layernorm"
+    attn = f"{hf}self_attn."
     rules = [
-        _Rule(f"{mimo}input_layernorm.weight", (f"{hf}input_layernorm.weight",), _Shard.REPLICATED, **plain),
+        _plain(f"{mimo}input_layernorm.weight", f"{hf}input_layernorm.weight", (hidden,), _Shard.REPLICATED, **where),
         _Rule(
             f"{mimo}self_attention.linear_qkv.weight",
-            tuple(f"{hf}self_attn.{p}_proj.weight" for p in "qkv"),
+            (f"{attn}q_proj.weight", f"{attn}k_proj.weight", f"{attn}v_proj.weight"),
+            ((heads * cfg.head_dim, hidden), (groups * cfg.head_dim, hidden), (groups * cfg.v_head_dim, hidden)),
             _Shard.ROWS,
             merge=qkv_merge,
             split=qkv_split,
             **where,
         ),
-        _Rule(f"{mimo}self_attention.linear_proj.weight", (f"{hf}self_attn.o_proj.weight",), _Shard.COLUMNS, **plain),
-        _Rule(f"{mimo}pre_mlp_layernorm.weight", (f"{hf}{pre_mlp_norm}.weight",), _Shard.REPLICATED, **plain),
+        _plain(
+            f"{mimo}self_attention.linear_proj.weight",
+            f"{attn}o_proj.weight",
+            (hidden, heads * cfg.v_head_dim),
+            _Shard.COLUMNS,
+            **where,
+        ),
+        _plain(f"{mimo}pre_mlp_layernorm.weight", f"{hf}{pre_mlp_norm}.weight", (hidden,), _Shard.REPLICATED, **where),
     ]
     if cfg.has_sink(kind):
         rules.append(
-            _Rule(
+            _plain(
                 f"{mimo}self_attention.core_attention.softmax_offset",
-                (f"{hf}self_attn.attention_sink_bias",),
+                f"{attn}attention_sink_bias",
+                (heads,),
                 _Shard.ROWS,
-                **plain,
+                **where,
             )
         )
     if not moe:
-        return rules + _mlp_rules(f"{mimo}mlp.", f"{hf}mlp.", where)
+        return rules + _mlp_rules(f"{mimo}mlp.", f"{hf}mlp.", cfg.ffn_hidden_size, cfg, where)
+    experts = cfg.num_experts
     rules += [
-        _Rule(f"{mimo}mlp.router.weight", (f"{hf}mlp.gate.weight",), _Shard.REPLICATED, **plain),
-        _Rule(f"{mimo}mlp.router.expert_bias", (f"{hf}mlp.gate.e_score_correction_bias",), _Shard.REPLICATED, **plain),
+        _plain(f"{mimo}mlp.router.weight", f"{hf}mlp.gate.weight", (experts, hidden), _Shard.REPLICATED, **where),
+        _plain(
+            f"{mimo}mlp.router.expert_bias",
+            f"{hf}mlp.gate.e_score_correction_bias",
+            (experts,),
+            _Shard.REPLICATED,
+            **where,
+        ),
     ]
-    for expert in range(cfg.num_experts):
+    for expert in range(experts):
         if cfg.moe_grouped_gemm:
             fc1, fc2 = f"{mimo}mlp.experts.linear_fc1.weight{expert}", f"{mimo}mlp.experts.linear_fc2.weight{expert}"
         else:
             fc1 = f"{mimo}mlp.experts.local_experts.{expert}.linear_fc1.weight"
             fc2 = f"{mimo}mlp.experts.local_experts.{expert}.linear_fc2.weight"
-        rules += _mlp_rules(fc1, f"{hf}mlp.experts.{expert}.", dict(where, expert=expert), fc2=fc2)
+        hf_expert = f"{hf}mlp.experts.{expert}."
+        rules += _mlp_rules(fc1, hf_expert, cfg.moe_ffn_hidden_size, cfg, dict(where, expert=expert), fc2=fc2)
     return rules
 
 
-def _mlp_rules(mimo: str, hf: str, where: dict[str, Any], fc2: str | None = None) -> list[_Rule]:
-    """SwiGLU FFN: fc1 = [gate; up], fc2 = down. ``mimo`` is the module prefix, or fc1's full name with ``fc2``."""
+def _mlp_rules(
+    mimo: str, hf: str, width: int, cfg: ModelConfig, where: dict[str, Any], fc2: str | None = None
+) -> list[_Rule]:
+    """SwiGLU FFN of ``width``: fc1 = [gate; up], fc2 = down. ``mimo`` is the module prefix, or fc1's full name
+    with ``fc2``."""
+    hidden = cfg.hidden_size
     fc1_name, fc2_name = (mimo, fc2) if fc2 else (f"{mimo}linear_fc1.weight", f"{mimo}linear_fc2.weight")
     return [
         _Rule(
             fc1_name,
             (f"{hf}gate_proj.weight", f"{hf}up_proj.weight"),
+            ((width, hidden), (width, hidden)),
             _Shard.GATE_UP_ROWS,
             merge=_concat_merge,
             split=_halves_split,
             **where,
         ),
-        _Rule(
-            fc2_name, (f"{hf}down_proj.weight",), _Shard.COLUMNS, merge=_identity_merge, split=_identity_split, **where
-        ),
+        _plain(fc2_name, f"{hf}down_proj.weight", (hidden, width), _Shard.COLUMNS, **where),
     ]
 
 
 def _rules(cfg: ModelConfig) -> list[_Rule]:
     """Every tensor of the full model."""
-    plain = dict(merge=_identity_merge, split=_identity_split)
+    hidden, vocab = cfg.hidden_size, cfg.vocab_size
     rules = [
-        _Rule(
-            "embedding.word_embeddings.weight", ("model.embed_tokens.weight",), _Shard.ROWS, place="embedding", **plain
+        _plain(
+            "embedding.word_embeddings.weight",
+            "model.embed_tokens.weight",
+            (vocab, hidden),
+            _Shard.ROWS,
+            place="embedding",
         ),
-        _Rule("decoder.final_layernorm.weight", ("model.norm.weight",), _Shard.REPLICATED, place="output", **plain),
-        _Rule("output_layer.weight", ("lm_head.weight",), _Shard.ROWS, place="output", **plain),
+        _plain("decoder.final_layernorm.weight", "model.norm.weight", (hidden,), _Shard.REPLICATED, place="output"),
+        _plain("output_layer.weight", "lm_head.weight", (vocab, hidden), _Shard.ROWS, place="output"),
     ]
     for layer, kind in enumerate(cfg.layer_types()):
-        rules += _layer_rules(
-            cfg,
-            f"decoder.layers.{layer}.",
-            f"model.layers.{layer}.",
-            kind,
-            cfg.is_moe(layer),
-            False,
-            place="decoder",
-            layer=layer,
-        )
+        decoder, hub = f"decoder.layers.{layer}.", f"model.layers.{layer}."
+        rules += _layer_rules(cfg, decoder, hub, kind, cfg.is_moe(layer), False, place="decoder", layer=layer)
     for depth in range(cfg.mtp_num_layers):
         mimo, hf = f"mtp.layers.{depth}.", f"model.mtp.layers.{depth}."
         rules += [
-            _Rule(f"{mimo}{name}.weight", (f"{hf}{name}.weight",), _Shard.REPLICATED, place="mtp", **plain)
+            _plain(f"{mimo}{name}.weight", f"{hf}{name}.weight", (hidden,), _Shard.REPLICATED, place="mtp")
             for name in ("enorm", "hnorm", "final_layernorm")
         ]
-        rules.append(_Rule(f"{mimo}eh_proj.weight", (f"{hf}eh_proj.weight",), _Shard.ROWS, place="mtp", **plain))
+        rules.append(
+            _plain(f"{mimo}eh_proj.weight", f"{hf}eh_proj.weight", (hidden, 2 * hidden), _Shard.ROWS, place="mtp")
+        )
         rules += _layer_rules(cfg, f"{mimo}transformer_layer.", hf, AttentionType.SLIDING, False, True, place="mtp")
     return rules
+
+
+def hub_tensor_shapes(cfg: ModelConfig) -> dict[str, Shape]:
+    """Name and shape of every tensor of a Hub-format checkpoint of this model, MTP blocks included: what
+    ``save_pretrained`` writes plus ``model.mtp.layers.K.*``."""
+    cfg.validate()
+    return {name: shape for rule in _rules(cfg) for name, shape in zip(rule.hf, rule.shapes)}
 
 
 def _holds(rule: _Rule, layout: ShardLayout, cfg: ModelConfig) -> bool:
@@ -374,125 +406,3 @@ def mimo_to_hf(mimo_tensors: TensorStream, cfg: ModelConfig) -> Iterator[tuple[s
                 " dict? mimo_to_hf needs the unsharded model)"
             )
         yield from zip(rule.hf, rule.split(tensor))
-
-
-def mimo_config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
-    """Keyword arguments of transformers' ``MiMoV2FlashConfig`` describing the same architecture.
-
-    transformers derives the SWA KV heads as twice the GA ones and puts sinks on exactly the SWA layers, so other
-    combinations have no HF equivalent. ``initializer_range`` carries mimo's init std.
-    """
-    cfg.validate()
-    if cfg.swa_num_key_value_heads != 2 * cfg.num_key_value_heads:
-        raise HFMappingError(
-            f"model.swa_num_key_value_heads={cfg.swa_num_key_value_heads} is not 2 * model.num_key_value_heads"
-            f" ({cfg.num_key_value_heads}); transformers' MiMo-V2-Flash fixes SWA KV heads at twice the GA ones"
-        )
-    if not cfg.add_swa_attention_sink_bias or cfg.add_full_attention_sink_bias:
-        raise HFMappingError(
-            "transformers' MiMo-V2-Flash has sinks on exactly the SWA layers; set"
-            " model.add_swa_attention_sink_bias=true and model.add_full_attention_sink_bias=false"
-        )
-
-    def rope(kind: AttentionType) -> dict[str, Any]:
-        return {
-            "rope_type": HF_DEFAULT_ROPE_TYPE,
-            "rope_theta": cfg.rope_base(kind),
-            "partial_rotary_factor": cfg.partial_rotary_factor,
-        }
-
-    return dict(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.ffn_hidden_size,
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_attention_heads,
-        num_key_value_heads=cfg.num_key_value_heads,
-        head_dim=cfg.head_dim,
-        v_head_dim=cfg.v_head_dim,
-        hidden_act="silu",
-        max_position_embeddings=cfg.max_position_embeddings,
-        initializer_range=cfg.init_method_std,
-        rms_norm_eps=cfg.layernorm_epsilon,
-        tie_word_embeddings=False,
-        rope_parameters={kind.value: rope(kind) for kind in AttentionType},
-        attention_bias=False,
-        attention_dropout=0.0,
-        moe_intermediate_size=cfg.moe_ffn_hidden_size,
-        num_experts_per_tok=cfg.moe_router_topk,
-        n_routed_experts=cfg.num_experts,
-        routed_scaling_factor=1.0,
-        n_group=1,
-        topk_group=1,
-        norm_topk_prob=True,
-        sliding_window=cfg.sliding_window + 1,
-        layer_types=[kind.value for kind in cfg.layer_types()],
-        mlp_layer_types=[HF_SPARSE if cfg.is_moe(i) else HF_DENSE for i in range(cfg.num_layers)],
-        attention_value_scale=cfg.attention_value_scale,
-    )
-
-
-def hf_config_to_mimo(hf_config: Mapping[str, Any] | Any, base: ModelConfig | None = None) -> ModelConfig:
-    """The mimo ModelConfig of an HF MiMo-V2-Flash config (a ``MiMoV2FlashConfig`` or its keyword arguments).
-
-    The architecture comes from HF; training-only settings (MTP blocks and loss weight, MoE balancing, dispatcher,
-    init std, name) come from ``base``: HF configs do not carry them, and the Hub's initializer_range (0.02) is a
-    library default, not the 0.006 MiMo was trained with. Without a ``base`` those come from ModelConfig's defaults.
-    """
-    if isinstance(hf_config, Mapping):
-        from transformers import MiMoV2FlashConfig
-
-        hf_config = MiMoV2FlashConfig(**hf_config)
-    mlp_types = list(hf_config.mlp_layer_types)
-    num_dense = next((i for i, kind in enumerate(mlp_types) if kind == HF_SPARSE), len(mlp_types))
-    if any(kind != HF_SPARSE for kind in mlp_types[num_dense:]):
-        raise HFMappingError(f"mlp_layer_types={mlp_types}: mimo needs all dense layers first, then only MoE layers")
-    ropes = hf_config.rope_parameters
-    kinds = {kind.value for kind in AttentionType}
-    if set(ropes) != kinds or any(
-        ropes[k].get("rope_type", HF_DEFAULT_ROPE_TYPE) != HF_DEFAULT_ROPE_TYPE for k in kinds
-    ):
-        raise HFMappingError(f"rope_parameters={ropes}: mimo supports plain RoPE ('default') for both layer types")
-    factors = {ropes[k]["partial_rotary_factor"] for k in kinds}
-    if len(factors) != 1:
-        raise HFMappingError(f"rope_parameters={ropes}: mimo needs one partial_rotary_factor for both layer types")
-    unsupported = {
-        "routed_scaling_factor": (hf_config.routed_scaling_factor, 1.0),
-        "n_group": (hf_config.n_group, 1),
-        "topk_group": (hf_config.topk_group, 1),
-        "norm_topk_prob": (hf_config.norm_topk_prob, True),
-        "tie_word_embeddings": (hf_config.tie_word_embeddings, False),
-        "attention_bias": (hf_config.attention_bias, False),
-        "hidden_act": (hf_config.hidden_act, "silu"),
-    }
-    for key, (value, wanted) in unsupported.items():
-        if value != wanted:
-            raise HFMappingError(f"HF config {key}={value}: mimo's MiMo-V2-Flash supports only {wanted}")
-    value_scale = hf_config.attention_value_scale
-    return dataclasses.replace(
-        base or ModelConfig(),
-        num_layers=hf_config.num_hidden_layers,
-        hidden_size=hf_config.hidden_size,
-        vocab_size=hf_config.vocab_size,
-        num_attention_heads=hf_config.num_attention_heads,
-        num_key_value_heads=hf_config.num_key_value_heads,
-        swa_num_key_value_heads=2 * hf_config.num_key_value_heads,
-        head_dim=hf_config.head_dim,
-        v_head_dim=hf_config.v_head_dim,
-        partial_rotary_factor=factors.pop(),
-        rope_theta=ropes[AttentionType.GLOBAL.value]["rope_theta"],
-        swa_rope_theta=ropes[AttentionType.SLIDING.value]["rope_theta"],
-        sliding_window=hf_config.sliding_window - 1,
-        hybrid_layer_pattern=[int(AttentionType(kind) is AttentionType.SLIDING) for kind in hf_config.layer_types],
-        add_swa_attention_sink_bias=True,
-        add_full_attention_sink_bias=False,
-        attention_value_scale=1.0 if value_scale is None else value_scale,
-        num_dense_layers=num_dense,
-        ffn_hidden_size=hf_config.intermediate_size,
-        num_experts=hf_config.n_routed_experts,
-        moe_ffn_hidden_size=hf_config.moe_intermediate_size,
-        moe_router_topk=hf_config.num_experts_per_tok,
-        layernorm_epsilon=hf_config.rms_norm_eps,
-        max_position_embeddings=hf_config.max_position_embeddings,
-        untie_embeddings_and_output_weights=True,
-    ).validate()

@@ -5,10 +5,10 @@ from pathlib import Path
 from torch.distributed.checkpoint import FileSystemReader
 
 from mimo.model.config import ModelConfig
-from mimo.train.checkpoint import META_FILE, CheckpointError, latest_checkpoint, read_meta
+from mimo.train.checkpoint import CheckpointError
+from mimo.train.checkpoint.manager import META_FILE, latest_checkpoint, read_meta
+from mimo.train.config import CHECKPOINTS_SUBDIR, RUN_CONFIG_FILE
 
-RUN_CONFIG_FILE = "config.yaml"
-CHECKPOINTS_SUBDIR = "checkpoints"
 EMBEDDING_KEY_SUFFIX = "embedding.word_embeddings.weight"
 TORCH_TO_PRECISION = {"torch.float32": "fp32", "torch.bfloat16": "bf16"}
 
@@ -38,7 +38,7 @@ def run_config_file(checkpoint: Path) -> Path | None:
 
 def checkpoint_model(checkpoint: Path) -> ModelConfig:
     """The model the checkpoint was written for, from its metadata."""
-    saved = read_meta(checkpoint).get("model")
+    saved = read_meta(checkpoint).model
     if not saved:
         raise CheckpointError(f"{checkpoint / META_FILE} has no 'model' entry; it was not written by mimo")
     return ModelConfig(**saved).validate()

@@ -4,7 +4,7 @@ mimo's promise is that a layout changes speed and memory, never the numbers; thi
 layouts, step by step, on the losses and gradient norms every run logs. Each run is a real ``mimo-train`` job
 launched with torchrun, so what is compared is exactly what users run.
 
-    python -m mimo.train.compare_layouts --a "" --b "parallel.tp=2" --nproc-b 2 -- train.steps=4
+    python -m mimo.train.tools.compare_layouts --a "" --b "parallel.tp=2" --nproc-b 2 -- train.steps=4
 """
 
 import argparse
@@ -18,6 +18,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from mimo.recipes.errors import MimoError, run_command
+from mimo.train.config import METRICS_FILE
+
+PROG = "compare_layouts"
 COMPARED = ("loss", "lm_loss", "mtp_loss", "aux_loss", "grad_norm")
 
 
@@ -31,15 +35,15 @@ class Layout:
         return f"{self.nproc} proc " + (" ".join(self.overrides) or "(single layout defaults)")
 
 
-class RunFailed(RuntimeError):
-    pass
+class RunFailed(MimoError, RuntimeError):
+    """One of the compared runs exited with an error; the message has its command and output."""
 
 
 def run_layout(
     layout: Layout, common: Sequence[str], run_dir: str, *, config_name: str = "config", timeout_s: int = 600
 ) -> list[dict[str, float]]:
     """Run mimo-train under ``layout`` logging every step; returns the metrics records of this invocation."""
-    metrics = Path(run_dir) / "metrics.jsonl"
+    metrics = Path(run_dir) / METRICS_FILE
     seen = len(metrics.read_text().splitlines()) if metrics.exists() else 0
     command = [
         sys.executable,
@@ -90,7 +94,9 @@ def compare(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--a", default="", help="overrides of layout A (quoted, space separated)")
     parser.add_argument("--b", required=True, help="overrides of layout B")
     parser.add_argument("--nproc-a", type=int, default=1)
@@ -101,7 +107,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     a = Layout(shlex.split(args.a), args.nproc_a)
     b = Layout(shlex.split(args.b), args.nproc_b)
-    diffs = compare(a, b, args.common, config_name=args.config_name)
+    results: list[dict[str, list[float]]] = []
+    code = run_command(PROG, lambda: results.append(compare(a, b, args.common, config_name=args.config_name)))
+    if code:
+        return code
+    diffs = results[0]
     print(f"A: {a.label}\nB: {b.label}")
     for key, values in diffs.items():
         print(f"{key:>10}: max rel diff {max(values):.2e}  per step " + " ".join(f"{v:.1e}" for v in values))

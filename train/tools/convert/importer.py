@@ -1,18 +1,12 @@
-"""``mimo-convert``: Hugging Face MiMo-V2-Flash checkpoints in and out of mimo training checkpoints.
+"""``mimo-convert import-hf``: a Hugging Face MiMo-V2-Flash directory into a mimo run directory.
 
-``import-hf`` builds the mimo model under the requested layout (one process or ``torchrun``), each rank reading
-only the tensors it holds, and writes a checkpoint that ``mimo-train`` resumes from at step 0 with a fresh
-optimizer. ``export-hf`` loads a checkpoint into one process (checkpoints reshard to any layout) and writes
-safetensors and a config.json that ``MiMoV2FlashForCausalLM.from_pretrained`` loads, MTP blocks kept under
-``model.mtp.layers.K.*`` for the inference engines.
+The mimo model is built under the requested layout (one process or ``torchrun``), each rank reading only the
+tensors it holds, and written as a checkpoint that ``mimo-train`` resumes from at step 0 with a fresh optimizer.
 """
 
-import argparse
 import dataclasses
 import logging
-import os
 import re
-import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -21,43 +15,24 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from mimo.model.builder import build_model
-from mimo.model.config import ModelConfig, ModelConfigError, PrecisionConfig
-from mimo.model.hf_mapping import (
-    HFMappingError,
-    ShardLayout,
-    hf_config_to_mimo,
-    hf_names,
-    hf_to_mimo,
-    mimo_config_to_hf,
-    mimo_to_hf,
-)
-from mimo.parallel.config import ParallelConfig
-from mimo.parallel.layout import LayoutError
-from mimo.parallel.runtime import initialize, shutdown
-from mimo.recipes import ConfigError, MimoConfig, load_config, to_yaml
-from mimo.train.checkpoint import CheckpointError, TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
-from mimo.train.checkpoint_lookup import checkpoint_model, checkpoint_precision, resolve_checkpoint
-from mimo.train.hf_checkpoint import (
-    ConvertError,
-    HFCheckpoint,
-    fp8_block,
-    hub_tensor_shapes,
-    read_hf_config,
-    save_sharded,
-)
-from mimo.train.loop import layout_record, run_record, setup_logging, start_runtime
+from mimo.model.config import ModelConfig
+from mimo.model.hf.configs import hf_config_to_mimo, read_hf_config
+from mimo.model.hf.mapping import ShardLayout, hf_names, hf_to_mimo, hub_tensor_shapes
+from mimo.parallel.runtime import shutdown
+from mimo.recipes.compose import load_config, to_yaml
+from mimo.recipes.schema import MimoConfig
+from mimo.train.build import run_record, start_runtime
+from mimo.train.checkpoint.manager import CheckpointManager, latest_checkpoint
+from mimo.train.config import RUN_CONFIG_FILE
+from mimo.train.records import TrainState
+from mimo.train.tools.convert.hf_files import ConvertError, HFCheckpoint, fp8_block
 
 logger = logging.getLogger("mimo")
 
-BYTES_PER_GB = 10**9
-DEFAULT_MAX_SHARD_GB = 5.0
-"""Largest safetensors file export-hf writes, as transformers' save_pretrained does by default."""
 LISTED_NAMES = 50
 """Tensor names an error lists per kind of problem before it only counts the rest."""
 IMPORTED_MODEL_GROUP = "imported"
 """import-hf writes the model as the recipe group option ``model=imported`` under OUT_DIR/recipes."""
-HF_ARCHITECTURE = "MiMoV2FlashForCausalLM"
-HF_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 MTP_HUB_LAYER = re.compile(r"model\.mtp\.layers\.(\d+)\.")
 
 
@@ -161,7 +136,6 @@ def import_hf(hf_dir: Path, out_dir: Path, overrides: Sequence[str] = (), config
         dropped = check_tensors(hf, cfg.model)
         runtime = start_runtime(cfg)
         try:
-            setup_logging(runtime.is_main)
             if dropped:
                 logger.info(
                     "leaving out %d tensors of MTP blocks beyond model.mtp_num_layers=%d",
@@ -173,17 +147,8 @@ def import_hf(hf_dir: Path, out_dir: Path, overrides: Sequence[str] = (), config
             )
             for chunk in chunks:
                 load_chunk(chunk, hf, cfg.model, show_progress=runtime.is_main)
-            layout = layout_record(cfg, runtime)
-            path = save_checkpoint(
-                cfg.checkpoint.dir,
-                TrainState(),
-                chunks,
-                None,
-                cfg.model,
-                layout,
-                run_record(cfg, cfg.data, layout),
-                cfg.checkpoint.keep,
-            )
+            checkpoints = CheckpointManager(cfg.checkpoint, cfg.model)
+            path = checkpoints.save(TrainState(), chunks, None, run_record(cfg, runtime))
             if runtime.is_main:
                 _write_run_files(cfg, out_dir, config_name)
             return path
@@ -193,7 +158,7 @@ def import_hf(hf_dir: Path, out_dir: Path, overrides: Sequence[str] = (), config
 
 def _write_run_files(cfg: MimoConfig, out_dir: Path, config_name: str) -> None:
     """config.yaml as mimo-train writes it, and the model as a recipe group so a training command can name it."""
-    (out_dir / "config.yaml").write_text(to_yaml(cfg))
+    (out_dir / RUN_CONFIG_FILE).write_text(to_yaml(cfg))
     group = out_dir / "recipes" / "model"
     group.mkdir(parents=True, exist_ok=True)
     (group / f"{IMPORTED_MODEL_GROUP}.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg.model)))
@@ -207,88 +172,3 @@ def _write_run_files(cfg: MimoConfig, out_dir: Path, config_name: str) -> None:
         IMPORTED_MODEL_GROUP,
         out_dir,
     )
-
-
-def export_hf(
-    ckpt_dir: Path, out_dir: Path, max_shard_bytes: int = int(DEFAULT_MAX_SHARD_GB * BYTES_PER_GB)
-) -> list[Path]:
-    """Write the latest (or the named) checkpoint as an HF directory; returns the files written."""
-    from transformers import MiMoV2FlashConfig
-
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ConvertError(
-            "export-hf runs in one process (it reshards the checkpoint to one rank); launch it without torchrun"
-        )
-    checkpoint = resolve_checkpoint(ckpt_dir)
-    model = checkpoint_model(checkpoint)
-    hf_config = MiMoV2FlashConfig(**mimo_config_to_hf(model))  # refuses a model transformers cannot describe, early
-    precision = PrecisionConfig(dtype=checkpoint_precision(checkpoint))
-    single = ParallelConfig()
-    runtime = initialize(single, model, seed=0, global_batch_size=1, micro_batch_size=1, seq_length=1)
-    try:
-        setup_logging(runtime.is_main)
-        chunk = build_model(model, single, precision, seq_length=1)[0]
-        layout = layout_record(MimoConfig(model=model, parallel=single), runtime)
-        load_checkpoint(checkpoint, [chunk], None, model, layout)
-        state = {name: tensor for name, tensor in chunk.state_dict().items() if not name.endswith("_extra_state")}
-        out_dir = Path(out_dir)
-        files = save_sharded(mimo_to_hf(state.items(), model), out_dir, max_shard_bytes, len(hub_tensor_shapes(model)))
-        hf_config.architectures = [HF_ARCHITECTURE]
-        hf_config.dtype = HF_DTYPES[precision.dtype]
-        hf_config.save_pretrained(out_dir)
-        logger.info("exported %s to %s (%d files)", checkpoint, out_dir, len(files))
-        return files + [out_dir / "config.json"]
-    finally:
-        shutdown()
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="mimo-convert", description="Convert MiMo-V2-Flash checkpoints between Hugging Face and mimo formats."
-    )
-    commands = parser.add_subparsers(dest="command", required=True)
-    importer = commands.add_parser(
-        "import-hf",
-        help="HF directory (BF16/FP32, or the released FP8) -> mimo run directory",
-        description="Read a transformers-format MiMo-V2-Flash directory (config.json + safetensors, single file or"
-        " sharded; FP8 128x128-block weights are dequantised) and write OUT_DIR/checkpoints (step 0, no optimizer"
-        " state), OUT_DIR/config.yaml and the model as recipe group OUT_DIR/recipes/model/imported.yaml. Runs in"
-        " one process or under torchrun with the layout given by parallel.* overrides; each rank reads only its"
-        " tensors. MTP blocks: all the checkpoint has, or model.mtp_num_layers=N of them.",
-        epilog="example: torchrun --nproc-per-node 8 -m mimo.train.convert import-hf /ckpt/MiMo-V2-Flash runs/flash"
-        " model.mtp_num_layers=1 precision.dtype=bf16 parallel.ep=8",
-    )
-    importer.add_argument("hf_dir", type=Path)
-    importer.add_argument("out_dir", type=Path)
-    importer.add_argument("--config-name", "-c", default="config", help="recipe the imported model trains with")
-    importer.add_argument("overrides", nargs="*", metavar="key=value")
-    exporter = commands.add_parser(
-        "export-hf",
-        help="mimo checkpoint -> HF directory that MiMoV2FlashForCausalLM.from_pretrained loads",
-        description="Load a mimo checkpoint (a run directory, its checkpoints/ directory, or one step_N directory)"
-        " into ONE process and write safetensors shards, their index and config.json. The whole model is held in"
-        " memory: the full 309B model needs a machine with about 1.3 TB of RAM in FP32 (0.65 TB in BF16), the 3.4B"
-        " proxy about 30 GB; the tiny model exports anywhere.",
-    )
-    exporter.add_argument("ckpt_dir", type=Path)
-    exporter.add_argument("out_dir", type=Path)
-    exporter.add_argument("--max-shard-gb", type=float, default=DEFAULT_MAX_SHARD_GB, help="largest file written (GB)")
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        if args.command == "import-hf":
-            import_hf(args.hf_dir, args.out_dir, args.overrides, args.config_name)
-        else:
-            export_hf(args.ckpt_dir, args.out_dir, int(args.max_shard_gb * BYTES_PER_GB))
-    except (ConfigError, ConvertError, HFMappingError, ModelConfigError, LayoutError, CheckpointError) as err:
-        print(f"mimo-convert: error: {err}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -44,18 +44,20 @@ from megatron.core.utils import get_batch_on_this_cp_rank
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from mimo.data import DataError, build_tokenizer, check_vocab
+from mimo.data import build_tokenizer, check_vocab
 from mimo.data.tokenizer import encode_documents
 from mimo.model.builder import build_model
-from mimo.model.config import ModelConfigError
 from mimo.parallel.context_parallel import gather_in_sequence_order
-from mimo.parallel.layout import LayoutError
 from mimo.parallel.runtime import Runtime, shutdown
-from mimo.recipes import ConfigError, MimoConfig, load_config
-from mimo.train.checkpoint import CheckpointError, load_checkpoint, read_meta
-from mimo.train.checkpoint_lookup import checkpoint_model, checkpoint_precision, resolve_checkpoint, run_config_file
-from mimo.train.loop import chunk_iterators, layout_record, setup_logging, start_runtime
+from mimo.recipes.compose import load_config
+from mimo.recipes.errors import MimoError, run_command
+from mimo.recipes.schema import MimoConfig
+from mimo.train.build import chunk_iterators, start_runtime
+from mimo.train.checkpoint.lookup import checkpoint_model, checkpoint_precision, resolve_checkpoint, run_config_file
+from mimo.train.checkpoint.manager import load_checkpoint, read_meta
+from mimo.train.commands import quiet_expected_warnings, setup_logging
 
+PROG = "mimo-eval"
 JSONL_SUFFIXES = (".jsonl", ".json")
 TEXT_FIELD, IDS_FIELD = "text", "input_ids"
 RUN_DEFAULT_KEYS = ("data.tokenizer", "train.seq_length")
@@ -65,7 +67,7 @@ PAD_ID = 0
 """Token id filling the masked tail of the last sequence (any valid id: nothing attends to it or predicts it)."""
 
 
-class EvalError(ValueError):
+class EvalError(MimoError, ValueError):
     """Data or arguments mimo-eval cannot use; the message names the file, line or key."""
 
 
@@ -240,7 +242,6 @@ def evaluate(ckpt_dir: Path, data: Path, overrides: Sequence[str] = (), config_n
     cfg.precision.dtype = checkpoint_precision(checkpoint)
     runtime = start_runtime(cfg)
     try:
-        setup_logging(runtime.is_main)
         tokenizer = build_tokenizer(cfg.data)
         check_vocab(tokenizer, cfg.model.vocab_size)
         stream = read_token_stream(data, tokenizer)
@@ -248,9 +249,10 @@ def evaluate(ckpt_dir: Path, data: Path, overrides: Sequence[str] = (), config_n
             raise EvalError(f"{data}: token ids must lie in 0..{cfg.model.vocab_size - 1} (model.vocab_size)")
         sequences = to_sequences(stream, cfg.train.seq_length)
         chunks = build_model(cfg.model, cfg.parallel, cfg.precision, seq_length=cfg.train.seq_length, seed=cfg.run.seed)
-        load_checkpoint(checkpoint, chunks, None, cfg.model, layout_record(cfg, runtime))
+        load_checkpoint(checkpoint, chunks, None, cfg.model)
         sums = _sums(chunks, _pad_to(sequences, cfg.train.global_batch_size), cfg, runtime)
-        return _result(sums, cfg.model.mtp_num_layers, len(sequences.tokens), checkpoint, read_meta(checkpoint)["step"])
+        step = read_meta(checkpoint).state.step
+        return _result(sums, cfg.model.mtp_num_layers, len(sequences.tokens), checkpoint, step)
     finally:
         shutdown()
 
@@ -291,7 +293,7 @@ def _sums(chunks, sequences: Sequences, cfg: MimoConfig, runtime: Runtime) -> to
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="mimo-eval",
+        prog=PROG,
         description="Loss, perplexity, MTP loss and MTP draft acceptance of a mimo checkpoint on a dataset, printed"
         " as one JSON line. DATA: a text file (one document), or JSONL with a 'text' (tokenized with data.tokenizer,"
         " by default the run's) or an 'input_ids' field per line. Sequences of train.seq_length (by default the"
@@ -309,18 +311,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    quiet_expected_warnings()
     args = build_parser().parse_args(argv)
+    setup_logging(is_main=int(os.environ.get("RANK", "0")) == 0)
+    results: list[EvalResult] = []
     stdout = sys.stdout
-    try:
+
+    def run() -> None:
         # Only the result goes to stdout: anything the libraries print goes to stderr with the logs.
         with contextlib.redirect_stdout(sys.stderr):
-            result = evaluate(args.ckpt_dir, args.data, args.overrides, args.config_name)
-    except (ConfigError, EvalError, DataError, LayoutError, CheckpointError, ModelConfigError) as err:
-        print(f"mimo-eval: error: {err}", file=sys.stderr)
-        return 2
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps(asdict(result)), file=stdout, flush=True)
-    return 0
+            results.append(evaluate(args.ckpt_dir, args.data, args.overrides, args.config_name))
+
+    code = run_command(PROG, run)
+    if not code and int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(asdict(results[0])), file=stdout, flush=True)
+    return code
 
 
 if __name__ == "__main__":

@@ -1,16 +1,17 @@
-"""The CPU compatibility layer and the runtime, exercised through real megatron-core code on 2 gloo ranks.
+"""mimo's megatron-core patches and the runtime, exercised through real megatron-core code on 2 gloo ranks.
 
 References are closed forms computed from all ranks' inputs (which expert must receive which token, what the
 combined output must be) and cross-rank comparisons (which RNG streams must agree and which must differ).
 """
 
-import os
+import json
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from megatron.core import package_info, parallel_state, tensor_parallel
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.tensor_parallel.random import (
     _MODEL_PARALLEL_RNG_TRACKER_NAME,
     get_expert_parallel_rng_tracker_name,
@@ -20,10 +21,12 @@ from megatron.core.transformer.moe import token_dispatcher
 from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 
 from mimo.model.config import ModelConfig
-from mimo.parallel import cpu_compat, runtime
+from mimo.parallel import runtime
 from mimo.parallel.config import ParallelConfig
 from mimo.parallel.layout import LayoutError
-from mimo.parallel.runtime import free_port
+from mimo.parallel.megatron_patches import apply_megatron_patches, device
+
+from multirank import join_rendezvous, spawn_ranks
 
 WORLD_SIZE = 2
 SEED = 1234
@@ -113,18 +116,15 @@ def _check_rng_streams(fork_name: str, stream_differs_across_ranks: bool) -> Non
         torch.testing.assert_close(torch.rand(SAMPLE), forked, rtol=0, atol=0)
 
 
-def _worker(rank: int, ports: tuple) -> None:
+def _worker(rank: int, ports: list[int]) -> None:
     torch.set_num_threads(1)  # two ranks share two cores; these tensors are far too small to need threads
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD_SIZE), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1")
-
-    os.environ["MASTER_PORT"] = str(ports[0])
     run = _initialize(ParallelConfig(ep=2, timeout_minutes=1))
     assert (run.rank, run.world_size, run.is_main, run.backend) == (rank, WORLD_SIZE, rank == 0, "gloo")
     assert (run.layout.dp, run.layout.expert_dp) == (2, 1)
     assert parallel_state.get_expert_model_parallel_world_size() == 2
-    assert cpu_compat.enable_cpu_compat(), "a second call must be a harmless no-op"
+    assert apply_megatron_patches(cuda=False, transformer_engine=False, fused_adam=False) == [], "applied once"
     modes = torch.overrides._get_current_function_mode_stack()
-    assert sum(isinstance(mode, cpu_compat._CudaToCpuMode) for mode in modes) == 1
+    assert sum(isinstance(mode, device._CudaToCpuMode) for mode in modes) == 1
     assert torch.zeros(1, device="cuda").device.type == "cpu"
     assert torch.ones(1).to("cuda", torch.float64).dtype == torch.float64
     assert torch.ones(1).cuda().type() == "torch.cuda.FloatTensor"
@@ -137,7 +137,7 @@ def _worker(rank: int, ports: tuple) -> None:
     runtime.shutdown()
 
     # Re-initialising in the same process (as tests do) with a different layout.
-    os.environ["MASTER_PORT"] = str(ports[1])
+    join_rendezvous(rank, WORLD_SIZE, ports[1])
     run = _initialize(ParallelConfig(tp=2, timeout_minutes=1))
     assert run.layout.sequence_parallel and run.layout.dp == 1
     _check_rng_streams(_MODEL_PARALLEL_RNG_TRACKER_NAME, stream_differs_across_ranks=True)
@@ -145,20 +145,57 @@ def _worker(rank: int, ports: tuple) -> None:
     assert not dist.is_initialized()
 
 
+@pytest.mark.system
 def test_two_rank_runtime_dispatchers_and_rng():
     assert not dist.is_initialized(), "a previous test left a process group behind; call runtime.shutdown()"
-    # spawn, not fork: earlier tests in this process may have run gloo, whose threads a forked child inherits
-    # half-alive (the child's process-group set-up then deadlocks).
-    mp.start_processes(_worker, args=((free_port(), free_port()),), nprocs=WORLD_SIZE, join=True, start_method="spawn")
+    spawn_ranks(_worker, WORLD_SIZE, rendezvous=2)
 
 
-def test_version_guard_refuses_unverified_megatron(monkeypatch):
-    cpu_compat.check_megatron_version()
-    enabled_before = cpu_compat.is_enabled()
-    monkeypatch.setattr(package_info, "__version__", "0.99.0")
-    with pytest.raises(cpu_compat.UnsupportedMegatronVersion, match=r"megatron-core 0\.99\.0 is installed"):
-        cpu_compat.enable_cpu_compat()
-    assert cpu_compat.is_enabled() == enabled_before, "nothing may be patched on a refused version"
+def _fresh_process(code: str) -> str:
+    """Run ``code`` in a new interpreter (no patch applied yet) and return what it printed."""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout.strip()
+
+
+def test_an_unverified_megatron_is_refused_before_anything_is_patched():
+    printed = _fresh_process(
+        "import torch\n"
+        "from megatron.core import package_info\n"
+        "package_info.__version__ = '0.99.0'\n"
+        "from mimo.parallel import megatron_patches as mp\n"
+        "current_device = torch.cuda.current_device\n"
+        "try:\n"
+        "    mp.apply_megatron_patches(cuda=False, transformer_engine=False, fused_adam=False)\n"
+        "except mp.UnsupportedMegatronVersion as err:\n"
+        "    print(err)\n"
+        "assert not mp.applied_patches() and torch.cuda.current_device is current_device\n"
+    )
+    assert "megatron-core 0.99.0 is installed" in printed and "megatron-core>=0.16.1,<0.17" in printed
+
+
+@pytest.mark.parametrize(
+    "machine, expected",
+    [
+        ("cuda=True, transformer_engine=True, fused_adam=True", {"fully_reshardable_offsets"}),
+        (
+            "cuda=True, transformer_engine=False, fused_adam=False",
+            {"fully_reshardable_offsets", "te_general_gemm_name", "torch_adam_checkpoint_load", "fp64_grad_norm"},
+        ),
+    ],
+    ids=["gpu-with-te", "gpu-without-te"],
+)
+def test_a_gpu_gets_no_cpu_patch_but_the_torch_adam_fixes_where_te_is_missing(machine, expected):
+    """The patches of a scope apply exactly where their upstream assumption breaks: the optimizer fixes for torch's
+    Adam on every machine without Transformer Engine or Apex, the CUDA stand-ins never where CUDA exists."""
+    printed = _fresh_process(
+        "import json, torch\n"
+        "from mimo.parallel import megatron_patches as mp\n"
+        "current_device = torch.cuda.current_device\n"
+        f"print(json.dumps(mp.apply_megatron_patches({machine})))\n"
+        "assert torch.cuda.current_device is current_device\n"
+    )
+    assert set(json.loads(printed)) == expected
 
 
 def test_launch_env_from_torchrun_slurm_or_nothing():
@@ -177,7 +214,7 @@ def test_launch_env_from_torchrun_slurm_or_nothing():
     assert runtime.launch_env({**with_ip, "MASTER_ADDR": "head"}, default_port=29500).master_addr == "head"
 
     lone = runtime.launch_env({}, default_port=29500)
-    assert (lone.rank, lone.world_size, lone.local_rank) == (0, 1, 0) and lone.master_port > 0
+    assert (lone.rank, lone.world_size, lone.local_rank, lone.master_port) == (0, 1, 0, None)
 
 
 @pytest.mark.parametrize(

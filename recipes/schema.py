@@ -1,0 +1,29 @@
+"""The top-level config schema: one field per concern, each a plain dataclass from that concern's config module."""
+
+from dataclasses import dataclass, field
+
+from mimo.data.config import DataConfig
+from mimo.model.config import ModelConfig, PrecisionConfig
+from mimo.parallel.config import ParallelConfig
+from mimo.train.config import (
+    CheckpointConfig,
+    LoggingConfig,
+    OptimConfig,
+    RunConfig,
+    ScheduleConfig,
+    TrainConfig,
+)
+
+
+@dataclass
+class MimoConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)

@@ -1,0 +1,182 @@
+"""Where a run's checkpoints go, which one is ``latest`` and which are kept.
+
+A save is written into ``<dir>/step_NNNNNNN.partial`` and renamed to ``step_NNNNNNN`` only once every rank has
+finished; the ``latest`` file is then replaced atomically. A kill at any moment therefore leaves the previous
+checkpoint as the latest one, complete.
+"""
+
+import os
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core.optimizer import MegatronOptimizer
+
+from mimo.model.config import ModelConfig
+from mimo.train.checkpoint import CheckpointError
+from mimo.train.checkpoint.storage import load_tensors, save_tensors, verify_files
+from mimo.train.config import CheckpointConfig
+from mimo.train.records import FORMAT_VERSION, CheckpointMeta, LayoutRecord, RunRecord, TrainState
+
+LATEST_FILE = "latest"
+META_FILE = "mimo_checkpoint.json"
+PARTIAL_SUFFIX = ".partial"
+TMP_SUFFIX = ".tmp"
+KEEP_MARKER = "KEEP"
+"""A checkpoint holding this file (the last one of a schedule stage) is never removed by checkpoint.keep."""
+
+# Model settings a checkpoint's tensors do not depend on: a later stage may change them (RoPE theta, the
+# scheduled loss weights and rates, the dispatcher); everything else must match the checkpoint.
+RESHAPE_FREE_MODEL_FIELDS = frozenset(
+    {
+        "name",
+        "rope_theta",
+        "swa_rope_theta",
+        "mtp_loss_weight",
+        "moe_aux_loss_coeff",
+        "moe_router_bias_update_rate",
+        "moe_token_dispatcher",
+        "moe_grouped_gemm",
+        "max_position_embeddings",
+        "init_method_std",
+        "recompute_granularity",
+        "recompute_method",
+        "recompute_num_layers",
+        "recompute_modules",
+    }
+)
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint under ``ckpt_dir``, or None for a fresh run."""
+    pointer = Path(ckpt_dir) / LATEST_FILE
+    if not pointer.exists():
+        return None
+    path = Path(ckpt_dir) / pointer.read_text().strip()
+    if not (path / META_FILE).exists():
+        raise CheckpointError(
+            f"{pointer} names {path.name}, which is missing or incomplete (no {META_FILE}); "
+            f"point checkpoint.dir at a directory with a valid checkpoint or delete {pointer} to start fresh"
+        )
+    return path
+
+
+def read_meta(path: Path) -> CheckpointMeta:
+    try:
+        meta = CheckpointMeta.from_json((path / META_FILE).read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"cannot read {path / META_FILE}: {err}") from err
+    if meta.format != FORMAT_VERSION:
+        raise CheckpointError(f"{path} has checkpoint format {meta.format!r}; this mimo reads format {FORMAT_VERSION}")
+    return meta
+
+
+def check_model_compatible(meta: CheckpointMeta, model: ModelConfig, path: Path) -> None:
+    """Refuse a checkpoint whose tensors cannot fit the configured model, naming every differing key."""
+    differences = [
+        f"model.{key}: checkpoint {meta.model.get(key)!r}, config {value!r}"
+        for key, value in asdict(model).items()
+        if key not in RESHAPE_FREE_MODEL_FIELDS and key in meta.model and meta.model[key] != value
+    ]
+    if differences:
+        raise CheckpointError(
+            f"checkpoint {path} was written for another model architecture:\n  "
+            + "\n  ".join(differences)
+            + "\nset these keys to the checkpoint's values or start from a matching checkpoint"
+        )
+
+
+def load_checkpoint(
+    path: Path,
+    model_chunks: list[torch.nn.Module],
+    optimizer: MegatronOptimizer | None,
+    model: ModelConfig,
+    layout: LayoutRecord | None = None,
+) -> TrainState:
+    """Load everything a resume needs, or raise CheckpointError having changed nothing.
+
+    A checkpoint without optimizer state (a converted one) initialises the optimizer fresh. RNG streams are
+    restored only under the ``layout`` that saved them: they are per rank and have no meaning in another one.
+    Without a layout (evaluation, export) they are left alone.
+    """
+    meta = read_meta(path)
+    check_model_compatible(meta, model, path)
+    verify_files(path)
+    same_layout = layout is not None and meta.layout == layout.settings() and meta.world_size == dist.get_world_size()
+    load_tensors(path, model_chunks, optimizer if meta.has_optimizer else None, restore_rng=same_layout)
+    return meta.state
+
+
+class CheckpointManager:
+    """The checkpoints of one run directory: saving (atomically, then pruning to ``checkpoint.keep``), finding
+    the latest and loading it."""
+
+    def __init__(self, cfg: CheckpointConfig, model: ModelConfig) -> None:
+        if cfg.dir is None:
+            raise CheckpointError("checkpoint.dir is unset; compose the config with mimo.recipes.load_config")
+        self.root = Path(cfg.dir)
+        self.keep = cfg.keep
+        self.model = model
+
+    def latest(self) -> Path | None:
+        return latest_checkpoint(self.root)
+
+    def load(
+        self, path: Path, model_chunks: list[torch.nn.Module], optimizer: MegatronOptimizer | None, layout: LayoutRecord
+    ) -> TrainState:
+        return load_checkpoint(path, model_chunks, optimizer, self.model, layout)
+
+    def save(
+        self,
+        state: TrainState,
+        model_chunks: list[torch.nn.Module],
+        optimizer: MegatronOptimizer | None,
+        run: RunRecord,
+        permanent: bool = False,
+    ) -> Path:
+        """Write a complete checkpoint, then make it the latest; older ones beyond ``keep`` are removed.
+        ``permanent`` marks it to be kept whatever ``keep`` says (a stage's last checkpoint)."""
+        final = self.root / step_dir_name(state.step)
+        partial = self.root / (final.name + PARTIAL_SUFFIX)
+        is_writer = dist.get_rank() == 0
+        if is_writer:
+            shutil.rmtree(partial, ignore_errors=True)  # debris of a save that was killed
+            partial.mkdir(parents=True)
+        dist.barrier()
+        save_tensors(partial, model_chunks, optimizer)
+        if is_writer:
+            meta = CheckpointMeta.of(state, optimizer is not None, run, self.model)
+            (partial / META_FILE).write_text(meta.to_json())
+            if permanent:
+                (partial / KEEP_MARKER).touch()
+        dist.barrier()
+        if is_writer:
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(partial, final)
+            _atomic_write(self.root / LATEST_FILE, final.name)
+            self._remove_old(final.name)
+        dist.barrier()
+        return final
+
+    def _remove_old(self, newest: str) -> None:
+        complete = sorted(
+            p
+            for p in self.root.glob("step_*")
+            if not p.name.endswith(PARTIAL_SUFFIX) and not (p / KEEP_MARKER).exists()
+        )
+        for old in complete[: max(0, len(complete) - self.keep)]:
+            if old.name != newest:
+                shutil.rmtree(old, ignore_errors=True)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + TMP_SUFFIX)
+    tmp.write_text(text)
+    os.replace(tmp, path)

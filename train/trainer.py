@@ -1,0 +1,302 @@
+"""The training run: a ``Trainer`` owns its state (config, runtime, model chunks, optimizer, schedule, data,
+metrics writer, checkpoints, train state); ``run()`` loops over ``step()`` until the stage or ``train.steps``
+ends, logging and checkpointing on the way."""
+
+import json
+import logging
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.optimizer import MegatronOptimizer
+from megatron.core.transformer import TransformerConfig
+from tqdm import tqdm
+
+from mimo.data import DataRank, build_data_iterators, build_tokenizer, check_vocab
+from mimo.data.config import DataConfig
+from mimo.data.stages import stage_config
+from mimo.model.accounting import flops_per_token, parameter_counts
+from mimo.model.config import ModelConfig
+from mimo.recipes.compose import to_container, to_yaml
+from mimo.recipes.errors import ConfigError
+from mimo.recipes.schema import MimoConfig
+from mimo.train.build import build_training_model, chunk_iterators, run_record, start_runtime
+from mimo.train.checkpoint.manager import CheckpointManager, read_meta
+from mimo.train.config import RUN_CONFIG_FILE
+from mimo.train.metrics import DatasetTally, MetricsWriter, StepProgress
+from mimo.train.preemption import StopRequest
+from mimo.train.records import TrainState, describe_changes
+from mimo.train.schedule import Schedule, ScheduledValues
+from mimo.train.step import MicroBatching, StepResult, train_step
+
+logger = logging.getLogger("mimo")
+
+BYTES_PER_GIB = 1024**3
+KIB = 1024
+
+
+@dataclass
+class RunSummary:
+    """What a finished (or stopped) run reports back; tests compare these across layouts."""
+
+    state: TrainState
+    losses: list[float] = field(default_factory=list)
+    grad_norms: list[float] = field(default_factory=list)
+    stopped_by_signal: bool = False
+    resumed_from: str | None = None
+
+
+@dataclass(frozen=True)
+class TrainedStep:
+    result: StepResult
+    values: ScheduledValues
+    """The schedule's values the step trained with."""
+
+
+def describe_model(model: ModelConfig, seq_length: int) -> str:
+    params = parameter_counts(model)
+    flops = flops_per_token(model, seq_length)
+    return (
+        f"model {model.name}: {params.total / 1e6:,.2f}M parameters ({params.mtp / 1e6:,.2f}M in MTP), "
+        f"{params.active / 1e6:,.2f}M active per token (embedding and head included), "
+        f"{flops.training / 1e6:,.2f} MFLOP per token per training step at sequence length {seq_length}"
+    )
+
+
+def apply_scheduled(
+    values: ScheduledValues, optimizer: MegatronOptimizer, config: TransformerConfig, wd: float
+) -> None:
+    """Scheduled values reach the modules through the shared TransformerConfig, read at every forward."""
+    for group in optimizer.param_groups:
+        group["lr"] = values.lr * group.get("lr_mult", 1.0)
+        group["weight_decay"] = wd * group.get("wd_mult", 1.0)
+    config.mtp_loss_scaling_factor = values.mtp_loss_weight
+    config.moe_router_bias_update_rate = values.moe_router_bias_update_rate
+    config.moe_aux_loss_coeff = values.moe_aux_loss_coeff
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / BYTES_PER_GIB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * KIB / BYTES_PER_GIB
+
+
+def data_stream_signature(cfg: MimoConfig, data: DataConfig) -> str:
+    """What defines the sequence of training samples; the same signature continues the same stream."""
+    return json.dumps(
+        {
+            "blend": list(data.blend),
+            "long_docs": asdict(data.long_docs),
+            "tokenizer": data.tokenizer,
+            "seq_length": cfg.train.seq_length,
+            "seed": cfg.run.seed,
+            "split": data.split,
+        },
+        sort_keys=True,
+    )
+
+
+def check_supported(cfg: MimoConfig) -> None:
+    """Settings that are valid data-side but that the model cannot honour yet: refused, never silently ignored."""
+    if cfg.data.reset_attention_mask:
+        raise ConfigError(
+            "data.reset_attention_mask=true: MiMo attention does not mask across packed documents yet; set it to "
+            "false (data.reset_position_ids=true still restarts RoPE positions at each document)"
+        )
+
+
+class Trainer:
+    """One training run. Construction sets everything up (process groups, model, optimizer, resume from the
+    latest checkpoint, data); ``run()`` trains; ``close()`` (or leaving the ``with`` block) tears down."""
+
+    def __init__(self, cfg: MimoConfig) -> None:
+        check_supported(cfg)
+        self.cfg = cfg
+        self.runtime = start_runtime(cfg)
+        self.stop = StopRequest().install()
+        self.writer: MetricsWriter | None = None
+        try:
+            self._setup()
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(self) -> None:
+        cfg, runtime = self.cfg, self.runtime
+        if runtime.is_main:
+            run_dir = Path(cfg.run.dir)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / RUN_CONFIG_FILE).write_text(to_yaml(cfg))
+            logger.info("resolved config (saved to %s):\n%s", run_dir / RUN_CONFIG_FILE, to_yaml(cfg))
+            logger.info("%s", describe_model(cfg.model, cfg.train.seq_length))
+        check_vocab(build_tokenizer(cfg.data), cfg.model.vocab_size)
+
+        self.chunks, self.optimizer = build_training_model(cfg, seed=cfg.run.seed)
+        self.model_config: TransformerConfig = self.chunks[0].config
+
+        self.samples_per_microbatch = cfg.train.micro_batch_size * runtime.layout.dp
+        self.schedule = Schedule(
+            cfg.schedule, optim=cfg.optim, train=cfg.train, model=cfg.model, batch_unit=self.samples_per_microbatch
+        )
+        self.data_cfg = stage_config(cfg.data, self.schedule.stage)
+        self.record = run_record(cfg, runtime, self.data_cfg)
+        self.checkpoints = CheckpointManager(cfg.checkpoint, cfg.model)
+        self.state, self.resumed_from = self._resume()
+        self._build_data()
+        self.writer = MetricsWriter(cfg.run.dir, cfg.logging, to_container(cfg), runtime.is_main)
+        self.progress = StepProgress(runtime.is_main, cfg.logging.progress_seconds)
+
+    def _resume(self) -> tuple[TrainState, str | None]:
+        stage, stream = self.schedule.stage, data_stream_signature(self.cfg, self.data_cfg)
+        path = self.checkpoints.latest()
+        if path is None:
+            logger.info("no checkpoint in %s: starting from scratch", self.checkpoints.root)
+            return TrainState(stage=stage, data_stream=stream), None
+        meta = read_meta(path)
+        layout = self.record.layout
+        layout_changes = describe_changes(meta.layout, layout.settings())
+        state = self.checkpoints.load(path, self.chunks, self.optimizer, layout)
+        logger.info(
+            "resumed from %s (step %d, %d samples, %d tokens)%s",
+            path,
+            state.step,
+            state.consumed_samples,
+            state.consumed_tokens,
+            "; layout changed: " + ", ".join(layout_changes) if layout_changes else "",
+        )
+        if state.stage != stage:
+            changes = describe_changes(meta.run, self.record.settings(), separator=" ")
+            logger.info("stage %r -> %r: %s", state.stage, stage, "; ".join(changes) or "same settings")
+            state.stage = stage
+        if state.data_stream != stream:
+            logger.info(
+                "the data changed (mixture or sequence length): a new sample stream starts at %d consumed samples",
+                state.consumed_samples,
+            )
+            state.data_stream, state.data_start_samples = stream, state.consumed_samples
+        return state, str(path)
+
+    def _build_data(self) -> None:
+        cfg = self.cfg
+        data = build_data_iterators(
+            self.data_cfg,
+            run_dir=cfg.run.dir,
+            seq_length=cfg.train.seq_length,
+            seed=cfg.run.seed,
+            train_samples=cfg.train.steps * cfg.train.global_batch_size,
+            consumed_samples=self.state.consumed_samples - self.state.data_start_samples,
+            rank=DataRank(parallel_state.get_data_parallel_rank(), self.runtime.layout.dp, cfg.train.micro_batch_size),
+        )
+        self.tally = DatasetTally(data.train, data.dataset_names)
+        self.iterators = chunk_iterators(self.tally, len(self.chunks))
+
+    # ------------------------------------------------------------------------------------------------ training
+
+    def step(self) -> TrainedStep:
+        """One optimizer step at the schedule's values for the tokens consumed so far; advances the train state."""
+        cfg, state = self.cfg, self.state
+        values = self.schedule.at(state.consumed_tokens)
+        apply_scheduled(values, self.optimizer, self.model_config, cfg.optim.weight_decay)
+        batching = MicroBatching(
+            values.global_batch_size // self.samples_per_microbatch, cfg.train.micro_batch_size, cfg.train.seq_length
+        )
+        self.progress.start(state.step + 1, batching.num_microbatches * len(self.chunks))
+        result = train_step(
+            self.chunks, self.optimizer, self.iterators, batching, self.runtime.device, self.progress.micro_batch
+        )
+        state.step += 1
+        state.consumed_samples += values.global_batch_size
+        state.consumed_tokens += values.global_batch_size * cfg.train.seq_length
+        return TrainedStep(result, values)
+
+    def run(self) -> RunSummary:
+        cfg, state = self.cfg, self.state
+        summary = RunSummary(state, resumed_from=self.resumed_from)
+        interval_tokens, interval_start = 0, time.perf_counter()
+        bar = tqdm(
+            total=cfg.train.steps,
+            initial=state.step,
+            disable=not (self.runtime.is_main and sys.stderr.isatty()),
+            desc="training",
+            unit="step",
+            dynamic_ncols=True,
+        )
+        while state.step < cfg.train.steps and not self.schedule.finished(state.consumed_tokens):
+            trained = self.step()
+            interval_tokens += trained.values.global_batch_size * cfg.train.seq_length
+            summary.losses.append(trained.result.loss)
+            summary.grad_norms.append(trained.result.grad_norm)
+            bar.update(1)
+            bar.set_postfix(loss=f"{trained.result.loss:.3f}")
+            if state.step % cfg.logging.interval == 0 or state.step in (1, cfg.train.steps):
+                self._log(trained, interval_tokens / max(time.perf_counter() - interval_start, 1e-9))
+                interval_tokens, interval_start = 0, time.perf_counter()
+
+            summary.stopped_by_signal = self.stop.agreed(self.runtime.device)
+            paused = state.step == cfg.train.stop_after_steps
+            stage_end = self.schedule.finished(state.consumed_tokens)
+            periodic = state.step == cfg.train.steps or state.step % cfg.checkpoint.interval == 0
+            if summary.stopped_by_signal or paused or stage_end or periodic:
+                self.save(stage_end)
+            if summary.stopped_by_signal or paused:
+                reason = "signal" if summary.stopped_by_signal else "train.stop_after_steps"
+                logger.warning("stopped at step %d (%s); rerun the same command to resume", state.step, reason)
+                break
+        bar.close()
+        return summary
+
+    def _log(self, trained: TrainedStep, tokens_per_s: float) -> None:
+        result, state = trained.result, self.state
+        self.writer.log(
+            state.step,
+            {
+                "tokens": state.consumed_tokens,
+                "samples": state.consumed_samples,
+                "loss": result.loss,
+                "lm_loss": result.lm_loss,
+                "mtp_loss": result.mtp_loss,
+                "aux_loss": result.aux_loss,
+                "grad_norm": result.grad_norm,
+                "update_skipped": result.update_skipped,
+                **asdict(trained.values),
+                "tokens_per_s": tokens_per_s,
+                "peak_memory_gib": peak_memory_gib(self.runtime.device),
+                "samples_per_dataset": self.tally.take(parallel_state.get_data_parallel_group(), self.runtime.device),
+            },
+        )
+
+    def save(self, stage_end: bool) -> None:
+        """Checkpoint the current state; the last checkpoint of a stage is kept whatever checkpoint.keep says."""
+        self.checkpoints.save(self.state, self.chunks, self.optimizer, self.record, permanent=stage_end)
+        logger.info(
+            "saved checkpoint at step %d to %s%s",
+            self.state.step,
+            self.checkpoints.root,
+            f" (end of stage {self.state.stage!r}, kept)" if stage_end else "",
+        )
+
+    # -------------------------------------------------------------------------------------------------- teardown
+
+    def close(self) -> None:
+        from mimo.parallel.runtime import shutdown
+
+        self.stop.uninstall()
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+        shutdown()
+
+    def __enter__(self) -> "Trainer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def run_training(cfg: MimoConfig) -> RunSummary:
+    with Trainer(cfg) as trainer:
+        return trainer.run()
