@@ -52,7 +52,8 @@ def power_of_two_scales(amax: torch.Tensor) -> torch.Tensor:
 
 
 def to_e4m3(values: torch.Tensor) -> torch.Tensor:
-    """Round to E4M3, saturating: torch's cast turns magnitudes beyond 448 into NaN, an FP8 kernel clamps them."""
+    """Round to E4M3 (nearest even), saturating at +-448 as FP8 GEMM kernels do; the clamp states it rather than
+    leaving overflow to the cast's own rule."""
     return values.clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
 
 
