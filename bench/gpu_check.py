@@ -27,7 +27,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from gpu_runs import Runner, RunResult, StageFailed, copy_checkpoint, relative_gaps
+from gpu_runs import Runner, RunResult, StageFailed, copy_checkpoint, relative_gaps, scratch_root
 
 from mimo.model.accounting import flops_per_token
 from mimo.model.core_attention import causal_attention, sliding_window_attention
@@ -127,6 +127,9 @@ def tiny(runner: Runner, sizes: CheckSizes, on_gpu: bool) -> dict:
     device = runner.train_in(
         device_dir, [*common, f"train.micro_batch_size={TINY_DEVICE_MICRO_BATCH}"], sizes.run_timeout_s
     )
+    for run in (cpu, device):
+        if run.failure:
+            raise StageFailed(run.failure)
     reference = cpu.lm_losses()[1:]
     gaps = relative_gaps(device.lm_losses(), reference)
     worst = max(abs(gap) for gap in gaps)
@@ -171,6 +174,7 @@ def throughput(run: RunResult, overrides: list[str], peak_tflops: float | None) 
         "peak_memory_gib": max(record["peak_memory_gib"] for record in run.records),
         "lm_losses": run.lm_losses(),
         "run_seconds": run.seconds,
+        **({"failed_after_training": run.failure[-ERROR_CHARS:]} if run.failure else {}),
     }
 
 
@@ -293,8 +297,9 @@ def describe_tiny(stage: dict) -> str:
 def describe_proxy(stage: dict) -> str:
     mfu = f", MFU {stage['mfu']:.1%}" if stage["mfu"] is not None else ""
     text = (
-        f"seq {stage['seq_length']}: {stage['tokens_per_s']:,.0f} tokens/s, {stage['model_tflops_per_s']:.1f}"
+        f"seq {stage['seq_length']}: {stage['tokens_per_s']:,.0f} tokens/s, {stage['model_tflops_per_s']:.3g}"
         f" TFLOP/s{mfu}, peak {stage['peak_memory_gib']:.1f} GiB"
+        + ("; FAILED after training (see the JSON)" if "failed_after_training" in stage else "")
     )
     for key, value in stage.items():
         if key.startswith(GAP_PREFIX):
@@ -343,8 +348,7 @@ def main() -> int:
     if on_gpu and not torch.cuda.is_available():
         print("gpu_check: error: no CUDA device; run with --cpu for the toy-size check")
         return 2
-    scratch_root = "/dev/shm" if Path("/dev/shm").is_dir() else None
-    with tempfile.TemporaryDirectory(prefix="mimo-gpu-check-", dir=scratch_root) as scratch:
+    with tempfile.TemporaryDirectory(prefix="mimo-gpu-check-", dir=scratch_root()) as scratch:
         summary = check(CPU if args.cpu else GPU, Path(scratch), on_gpu)
     out = Path(args.out) / "gpu_check.json"
     out.parent.mkdir(parents=True, exist_ok=True)

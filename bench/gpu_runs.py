@@ -31,7 +31,9 @@ class StageFailed(RuntimeError):
 class RunResult:
     records: list[dict]
     seconds: float
-    log_tail: str = field(repr=False, default="")
+    failure: str | None = field(repr=False, default=None)
+    """Set when the process failed after logging steps (a full disk at the final checkpoint, say): the
+    measurements stand, the failure is reported beside them."""
 
     def lm_losses(self) -> list[float]:
         return [record["lm_loss"] for record in self.records]
@@ -42,9 +44,16 @@ class RunResult:
         return statistics.median(record["tokens_per_s"] for record in measured)
 
 
+def scratch_root() -> str:
+    """Where runs write: the candidate with the most free space, /dev/shm (memory, fast) or the temp folder.
+    Every run saves a checkpoint at its end, and the proxy's is about 47 GB (BF16 weights, FP32 main weights and
+    Adam moments)."""
+    candidates = [path for path in ("/dev/shm", tempfile.gettempdir()) if Path(path).is_dir()]
+    return max(candidates, key=lambda path: shutil.disk_usage(path).free)
+
+
 class Runner:
-    """Starts runs below one scratch directory (checkpoints included: /dev/shm when it exists, since the proxy's
-    optimizer state is tens of GB and a run always saves at its end) and deletes each run's files afterwards."""
+    """Starts runs below one scratch directory and deletes each run's files afterwards."""
 
     def __init__(self, scratch: Path, data_cache: Path, deadline: float) -> None:
         self.scratch = scratch
@@ -95,11 +104,14 @@ class Runner:
             output.seek(0)
             tail = output.read()[-OUTPUT_TAIL_CHARS:]
         seconds = time.monotonic() - start
+        records = [json.loads(line) for line in metrics.read_text().splitlines()[seen:]] if metrics.exists() else []
+        failure = None
         if code != 0:
             reason = f"killed after {limit:.0f} s" if code is None else f"exit {code}"
-            raise StageFailed(f"{' '.join(command)}: {reason}\n{tail}")
-        records = [json.loads(line) for line in metrics.read_text().splitlines()[seen:]]
-        return RunResult(records=records, seconds=seconds, log_tail=tail)
+            failure = f"{' '.join(command)}: {reason}\n{tail}"
+            if not records:
+                raise StageFailed(failure)
+        return RunResult(records=records, seconds=seconds, failure=failure)
 
 
 def copy_checkpoint(source_run: Path, step: int, target_run: Path) -> None:
