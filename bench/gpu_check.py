@@ -84,11 +84,11 @@ GPU = CheckSizes(
     run_timeout_s=150,
 )
 CPU = CheckSizes(
-    tiny_steps=3,
+    tiny_steps=2,
     proxy_model=("model=tiny",),
     proxy_seqs=(128, 256),
     proxy_batches=(2, 1),
-    proxy_steps=3,
+    proxy_steps=2,
     attention=AttentionShape(4, 4, 2, 48, 32, 16, seqs=(128, 512), repeats=2),
     budget_s=400,
     run_timeout_s=120,

@@ -29,7 +29,7 @@ def test_cpu_mode_runs_every_stage_and_writes_the_summary(tmp_path):
     assert summary["proxy_te_fp8"]["status"].startswith("skipped")
 
     tiny = summary["tiny"]
-    assert tiny["passed"] and len(tiny["device_lm_losses"]) == len(tiny["cpu_lm_losses"]) >= 2
+    assert tiny["passed"] and len(tiny["device_lm_losses"]) == len(tiny["cpu_lm_losses"]) >= 1
     assert "CPU (--cpu: no device)" in tiny["compared"]
 
     bf16, fp8 = summary["proxy_bf16"], summary["proxy_fp8"]
