@@ -16,6 +16,7 @@ from megatron.core.tensor_parallel.mappings import (
     gather_from_sequence_parallel_region,
 )
 
+from mimo.model.config import ModelConfigError
 from mimo.model.fp8_emulation import fp8_emulated_linear
 from mimo.model.precision import Fp8Scaling
 
@@ -33,7 +34,7 @@ class _Fp8EmulatedGemm:
 
     def _check_emulation_support(self) -> None:
         if self.config.gradient_accumulation_fusion:
-            raise ValueError(
+            raise ModelConfigError(
                 "emulated FP8 linears compute their weight gradients themselves; set gradient_accumulation_fusion"
                 " off (mimo never sets it) or use Transformer Engine's FP8"
             )
@@ -43,13 +44,14 @@ class _Fp8EmulatedGemm:
         input: torch.Tensor,
         weight: torch.Tensor,
         bias: torch.Tensor | None,
-        gradient_accumulation_fusion: bool,
+        *,
         allreduce_dgrad: bool,
         sequence_parallel: bool,
-        grad_output_buffer: list[torch.Tensor] | None = None,
-        wgrad_deferral_limit: int | None = None,
         tp_group: torch.distributed.ProcessGroup | None = None,
+        **unused,
     ) -> torch.Tensor:
+        """megatron's keyword arguments; ``unused`` are gradient-accumulation fusion (refused at construction) and
+        the deferred embedding-gradient buffers (the output layer's only, which never runs in FP8)."""
         if sequence_parallel:
             input = gather_from_sequence_parallel_region(input, tensor_parallel_output_grad=True, group=tp_group)
         elif allreduce_dgrad:
