@@ -24,25 +24,25 @@ from megatron.core.utils import init_method_normal
 from mimo.model.config import ModelConfig, ModelConfigError, PrecisionConfig
 from mimo.model.gpt import MimoGPTModel
 from mimo.model.init import initialize_weights
-from mimo.model.specs import decoder_block_spec, mtp_block_spec
+from mimo.model.precision import PrecisionPlan, precision_plan
+from mimo.model.specs import backend_modules, decoder_block_spec, mtp_block_spec
 from mimo.parallel.config import ParallelConfig
 
 PARAM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-FP8_FORMAT = "e4m3"
-"""Every FP8 GEMM operand in E4M3, as DeepSeek-V3's recipe that MiMo follows."""
 ROUTER_DTYPE = "fp32"
 ROUTER_SCORE = "sigmoid"
 LOAD_BALANCING = "seq_aux_loss"
 
 
 def transformer_config(
-    model_cfg: ModelConfig, parallel_cfg: ParallelConfig, precision: PrecisionConfig
+    model_cfg: ModelConfig, parallel_cfg: ParallelConfig, precision: PrecisionConfig, plan: PrecisionPlan
 ) -> TransformerConfig:
     """The megatron TransformerConfig of a MiMo model under a parallel layout and precision.
 
     ``num_query_groups`` holds the GA layers' KV heads; each attention layer overrides it for its own type.
     Initialisation is normal(0, init_method_std) for every weight, output projections included (MiMo uses no
-    depth-scaled init).
+    depth-scaled init). megatron's ``fp8`` switch (TE's FP8 autocast around every layer) is on only when
+    Transformer Engine runs the plan's FP8 GEMMs; emulated FP8 lives in the modules the specs pick.
     """
     model_cfg.validate()
     precision.validate()
@@ -68,7 +68,7 @@ def transformer_config(
         if moe
         else {}
     )
-    fp8_kwargs = dict(fp8=FP8_FORMAT, fp8_recipe=precision.fp8) if precision.fp8 else {}
+    fp8_kwargs = dict(fp8=plan.fp8.element_format.lower(), fp8_recipe=plan.fp8.recipe) if plan.te_fp8 else {}
     return TransformerConfig(
         num_layers=model_cfg.num_layers,
         hidden_size=model_cfg.hidden_size,
@@ -127,6 +127,11 @@ def resolve_use_te(use_te: bool | None) -> bool:
     return use_te
 
 
+def run_precision_plan(precision: PrecisionConfig, use_te: bool | None = None) -> PrecisionPlan:
+    """The precision plan ``build_model`` follows for the same arguments (for the start-up log)."""
+    return precision_plan(precision, resolve_use_te(use_te))
+
+
 def build_model(
     model_cfg: ModelConfig,
     parallel_cfg: ParallelConfig,
@@ -149,25 +154,23 @@ def build_model(
             " shorten the sequences or raise model.max_position_embeddings"
         )
     use_te = resolve_use_te(use_te)
-    if precision.fp8 and not use_te:
-        raise ModelConfigError(
-            f"precision.fp8={precision.fp8} needs Transformer Engine on a GPU; set precision.fp8=null"
-        )
+    plan = precision_plan(precision, use_te)
+    backend = backend_modules(use_te, plan)
     _check_parallel_state(parallel_cfg)
     _reset_loss_trackers()
-    config = transformer_config(model_cfg, parallel_cfg, precision)
+    config = transformer_config(model_cfg, parallel_cfg, precision, plan)
     stages = range(parallel_cfg.vpp) if parallel_cfg.vpp else [None]
     chunks = [
         MimoGPTModel(
             config=config,
-            transformer_layer_spec=decoder_block_spec(model_cfg, config, use_te, vp_stage),
+            transformer_layer_spec=decoder_block_spec(model_cfg, config, backend, vp_stage),
             vocab_size=model_cfg.vocab_size,
             max_sequence_length=seq_length,
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
             post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
             share_embeddings_and_output_weights=False,
             position_embedding_type="none",
-            mtp_block_spec=mtp_block_spec(model_cfg, config, use_te, vp_stage),
+            mtp_block_spec=mtp_block_spec(model_cfg, config, backend, vp_stage),
             vp_stage=vp_stage,
         )
         for vp_stage in stages

@@ -27,6 +27,7 @@ GA_PATTERN_PERIOD = 6
 TOKEN_DISPATCHERS = ("alltoall", "allgather", "flex")
 PARAM_DTYPES = ("fp32", "bf16")
 FP8_RECIPES = ("blockwise", "mxfp8")
+FP8_BACKENDS = ("auto", "te", "emulated")
 
 
 @dataclass
@@ -220,10 +221,17 @@ class PrecisionConfig:
     dtype: str = "fp32"
     """Parameter/compute dtype: fp32 | bf16."""
     fp8: str | None = None
-    """None | blockwise (Hopper) | mxfp8 (Blackwell); needs Transformer Engine."""
+    """None | blockwise (Hopper) | mxfp8 (Blackwell): the FP8 recipe of the GEMMs (see mimo.model.precision)."""
+    fp8_backend: str = "auto"
+    """Who runs the FP8 GEMMs: auto (Transformer Engine's kernels when the model runs on Transformer Engine,
+    mimo's emulation otherwise) | te | emulated (also on a GPU with Transformer Engine, to compare the two)."""
 
     def validate(self) -> "PrecisionConfig":
         _require(self.dtype in PARAM_DTYPES, f"precision.dtype={self.dtype!r} is not one of {', '.join(PARAM_DTYPES)}")
+        _require(
+            self.fp8_backend in FP8_BACKENDS,
+            f"precision.fp8_backend={self.fp8_backend!r} is not one of {', '.join(FP8_BACKENDS)}",
+        )
         if self.fp8 is not None:
             _require(
                 self.fp8 in FP8_RECIPES,

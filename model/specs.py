@@ -1,10 +1,12 @@
 """Layer specs of the MiMo decoder and its MTP block, for the local backend and for Transformer Engine.
 
-``backend_modules`` is the one place that picks implementations. Both backends keep the norms as separate
+``backend_modules`` is the one place that picks implementations, and every linear is picked per GEMM from the
+precision plan (``mimo.model.precision``): the backend's own module, mimo's emulated-FP8 module, or (in a
+Transformer Engine FP8 run) the backend's module kept out of FP8. Both backends keep the norms as separate
 modules (no layernorm fused into the next linear, no key remapping) and name the sink
-``core_attention.softmax_offset``, so a checkpoint has the same keys whichever backend wrote it, and one HF
-mapping serves both. The Transformer Engine path is written against megatron-core 0.16.1's TE wrappers but is
-not exercised on the CPU machines this code is tested on.
+``core_attention.softmax_offset``, so a checkpoint has the same keys whichever backend and precision wrote it, and
+one HF mapping serves both. The Transformer Engine path is written against megatron-core 0.16.1's TE wrappers but
+is not exercised on the CPU machines this code is tested on.
 """
 
 from dataclasses import dataclass
@@ -13,9 +15,9 @@ from megatron.core.extensions.transformer_engine import HAVE_TE, TEDotProductAtt
 from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.models.backends import BackendSpecProvider, LocalSpecProvider
-from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec_for_backend
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
 from megatron.core.transformer.multi_token_prediction import (
     MultiTokenPredictionBlockSubmodules,
     MultiTokenPredictionLayer,
@@ -33,31 +35,77 @@ from megatron.core.transformer.transformer_layer import (
 )
 
 from mimo.model.attention import AttentionGeometry, MimoAttention, MimoAttentionSubmodules
-from mimo.model.config import AttentionType, ModelConfig, ModelConfigError
+from mimo.model.config import AttentionType, ModelConfig, ModelConfigError, PrecisionConfig
 from mimo.model.core_attention import LocalCoreAttention
+from mimo.model.fp8_modules import (
+    Fp8EmulatedColumnParallelLinear,
+    Fp8EmulatedRowParallelLinear,
+    outside_fp8_autocast,
+)
 from mimo.model.norm import RMSNorm
+from mimo.model.precision import Gemm, PrecisionPlan, precision_plan
+
+NO_FP8 = precision_plan(PrecisionConfig(), use_te=False)
 
 
 @dataclass(frozen=True)
 class BackendModules:
-    """The implementations one backend contributes to every spec."""
+    """The implementations one backend contributes to every spec, and the precision plan they follow."""
 
     provider: BackendSpecProvider
     """megatron's own choice of linears and expert modules for the backend."""
     norm: type
     core_attention: type
+    plan: PrecisionPlan = NO_FP8
+
+    def column_parallel_linear(self, gemm: Gemm) -> type | ModuleSpec:
+        return self._planned(gemm, self.provider.column_parallel_linear(), Fp8EmulatedColumnParallelLinear)
+
+    def row_parallel_linear(self, gemm: Gemm) -> type | ModuleSpec:
+        return self._planned(gemm, self.provider.row_parallel_linear(), Fp8EmulatedRowParallelLinear)
+
+    def experts(self, grouped_gemm: bool) -> ModuleSpec:
+        """The routed experts: the backend's expert module with planned linears."""
+        if grouped_gemm and isinstance(self.provider, LocalSpecProvider):
+            raise ModelConfigError(
+                "model.moe_grouped_gemm=true needs Transformer Engine's grouped GEMM; set it to false for the local"
+                " (CPU) backend"
+            )
+        if grouped_gemm and self.plan.emulated and self.plan.scaling(Gemm.EXPERT_FFN):
+            raise ModelConfigError(
+                "model.moe_grouped_gemm=true with emulated FP8: the emulation runs each expert's GEMMs on their own"
+                " (megatron's SequentialMLP); set model.moe_grouped_gemm=false"
+            )
+        module, linears = self.provider.grouped_mlp_modules(grouped_gemm, False)
+        return ModuleSpec(
+            module=module,
+            submodules=MLPSubmodules(
+                linear_fc1=self._planned(Gemm.EXPERT_FFN, linears.linear_fc1, Fp8EmulatedColumnParallelLinear),
+                activation_func=self.provider.activation_func(),
+                linear_fc2=self._planned(Gemm.EXPERT_FFN, linears.linear_fc2, Fp8EmulatedRowParallelLinear),
+            ),
+        )
+
+    def _planned(self, gemm: Gemm, module: type, emulated: type) -> type | ModuleSpec:
+        """The module of ``gemm``: emulated FP8, the backend's module outside TE's FP8 autocast, or as it is."""
+        scaling = self.plan.scaling(gemm)
+        if scaling is not None and self.plan.emulated:
+            return ModuleSpec(module=emulated, params={"fp8": scaling})
+        if scaling is None and self.plan.te_fp8:
+            return outside_fp8_autocast(module)
+        return module
 
 
-def backend_modules(use_te: bool) -> BackendModules:
-    """Transformer Engine (GPU) or local modules (CPU, or GPU without TE)."""
+def backend_modules(use_te: bool, plan: PrecisionPlan = NO_FP8) -> BackendModules:
+    """Transformer Engine (GPU) or local modules (CPU, or GPU without TE), with the linears ``plan`` asks for."""
     if use_te:
         if not HAVE_TE:
             raise ModelConfigError(
                 'Transformer Engine was asked for but is not importable; install it (pip install -e ".[gpu]") or'
                 " run on the local backend"
             )
-        return BackendModules(provider=TESpecProvider(), norm=TENorm, core_attention=TEDotProductAttention)
-    return BackendModules(provider=LocalSpecProvider(), norm=RMSNorm, core_attention=LocalCoreAttention)
+        return BackendModules(provider=TESpecProvider(), norm=TENorm, core_attention=TEDotProductAttention, plan=plan)
+    return BackendModules(provider=LocalSpecProvider(), norm=RMSNorm, core_attention=LocalCoreAttention, plan=plan)
 
 
 CP_COMM_TYPE = "p2p"
@@ -87,9 +135,9 @@ def attention_spec(
         module=MimoAttention,
         params={"attn_mask_type": AttnMaskType.causal, "geometry": geometry, "cp_comm_type": CP_COMM_TYPE},
         submodules=MimoAttentionSubmodules(
-            linear_qkv=backend.provider.column_parallel_linear(),
+            linear_qkv=backend.column_parallel_linear(Gemm.QKV),
             core_attention=core_attention_module(backend, geometry, context_parallel),
-            linear_proj=backend.provider.row_parallel_linear(),
+            linear_proj=backend.row_parallel_linear(Gemm.OUT_PROJ),
         ),
     )
 
@@ -98,29 +146,25 @@ def dense_mlp_spec(backend: BackendModules) -> ModuleSpec:
     return ModuleSpec(
         module=MLP,
         submodules=MLPSubmodules(
-            linear_fc1=backend.provider.column_parallel_linear(),
-            linear_fc2=backend.provider.row_parallel_linear(),
+            linear_fc1=backend.column_parallel_linear(Gemm.DENSE_FFN),
+            linear_fc2=backend.row_parallel_linear(Gemm.DENSE_FFN),
         ),
     )
 
 
-def moe_spec(cfg: ModelConfig, backend: BackendModules, use_te: bool) -> ModuleSpec:
-    """megatron's MoE layer; router, expert bias and aux loss come from the TransformerConfig."""
-    if cfg.moe_grouped_gemm and not use_te:
-        raise ModelConfigError(
-            "model.moe_grouped_gemm=true needs Transformer Engine's grouped GEMM; set it to false for the local"
-            " (CPU) backend"
-        )
-    return get_moe_module_spec_for_backend(
-        backend=backend.provider, num_experts=cfg.num_experts, moe_grouped_gemm=cfg.moe_grouped_gemm
+def moe_spec(cfg: ModelConfig, backend: BackendModules) -> ModuleSpec:
+    """megatron's MoE layer (no shared experts); router, expert bias and aux loss come from the TransformerConfig."""
+    return ModuleSpec(
+        module=MoELayer,
+        submodules=MoESubmodules(experts=backend.experts(cfg.moe_grouped_gemm)),
+        metainfo={"fuse_pre_mlp_layernorm": False},
     )
 
 
 def transformer_layer_spec(
-    cfg: ModelConfig, kind: AttentionType, moe: bool, use_te: bool, context_parallel: bool = False
+    cfg: ModelConfig, kind: AttentionType, moe: bool, backend: BackendModules, context_parallel: bool = False
 ) -> ModuleSpec:
     """One pre-norm layer: norm, attention of ``kind``, residual, norm, dense or MoE FFN, residual."""
-    backend = backend_modules(use_te)
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
@@ -128,47 +172,46 @@ def transformer_layer_spec(
             self_attention=attention_spec(cfg, kind, backend, context_parallel),
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=backend.norm,
-            mlp=moe_spec(cfg, backend, use_te) if moe else dense_mlp_spec(backend),
+            mlp=moe_spec(cfg, backend) if moe else dense_mlp_spec(backend),
             mlp_bda=get_bias_dropout_add,
         ),
     )
 
 
-def decoder_layer_specs(cfg: ModelConfig, use_te: bool, context_parallel: bool = False) -> list[ModuleSpec]:
+def decoder_layer_specs(cfg: ModelConfig, backend: BackendModules, context_parallel: bool = False) -> list[ModuleSpec]:
     """Specs of all decoder layers, in order."""
     return [
-        transformer_layer_spec(cfg, kind, cfg.is_moe(layer), use_te, context_parallel)
+        transformer_layer_spec(cfg, kind, cfg.is_moe(layer), backend, context_parallel)
         for layer, kind in enumerate(cfg.layer_types())
     ]
 
 
 def decoder_block_spec(
-    cfg: ModelConfig, config: TransformerConfig, use_te: bool, vp_stage: int | None = None
+    cfg: ModelConfig, config: TransformerConfig, backend: BackendModules, vp_stage: int | None = None
 ) -> TransformerBlockSubmodules:
     """The layers this pipeline (and virtual pipeline) stage builds, sliced with megatron's own stage split."""
     offset = get_transformer_layer_offset(config, vp_stage=vp_stage)
     count = get_num_layers_to_build(config, vp_stage=vp_stage)
     return TransformerBlockSubmodules(
-        layer_specs=decoder_layer_specs(cfg, use_te, config.context_parallel_size > 1)[offset : offset + count],
-        layer_norm=backend_modules(use_te).norm,
+        layer_specs=decoder_layer_specs(cfg, backend, config.context_parallel_size > 1)[offset : offset + count],
+        layer_norm=backend.norm,
     )
 
 
-def mtp_layer_spec(cfg: ModelConfig, use_te: bool, context_parallel: bool = False) -> ModuleSpec:
+def mtp_layer_spec(cfg: ModelConfig, backend: BackendModules, context_parallel: bool = False) -> ModuleSpec:
     """One MTP block: enorm/hnorm, eh_proj over [embedding; hidden], a dense-FFN SWA layer, final norm.
 
     megatron's default MTP spec reuses the decoder's last layer (MoE here); MiMo's MTP layer is sliding-window
     with a sink and a dense FFN of the first layer's width.
     """
-    backend = backend_modules(use_te)
     return ModuleSpec(
         module=MultiTokenPredictionLayer,
         submodules=MultiTokenPredictionLayerSubmodules(
             enorm=backend.norm,
             hnorm=backend.norm,
-            eh_proj=backend.provider.column_parallel_linear(),
+            eh_proj=backend.column_parallel_linear(Gemm.MTP_PROJ),
             transformer_layer=transformer_layer_spec(
-                cfg, AttentionType.SLIDING, moe=False, use_te=use_te, context_parallel=context_parallel
+                cfg, AttentionType.SLIDING, moe=False, backend=backend, context_parallel=context_parallel
             ),
             layer_norm=backend.norm,
         ),
@@ -176,7 +219,7 @@ def mtp_layer_spec(cfg: ModelConfig, use_te: bool, context_parallel: bool = Fals
 
 
 def mtp_block_spec(
-    cfg: ModelConfig, config: TransformerConfig, use_te: bool, vp_stage: int | None = None
+    cfg: ModelConfig, config: TransformerConfig, backend: BackendModules, vp_stage: int | None = None
 ) -> MultiTokenPredictionBlockSubmodules | None:
     """The MTP blocks this stage builds (all of them on the last stage), or None."""
     if not cfg.mtp_num_layers:
@@ -185,5 +228,5 @@ def mtp_block_spec(
     if count == 0:
         return None
     offset = get_mtp_layer_offset(config, vp_stage=vp_stage)
-    specs = [mtp_layer_spec(cfg, use_te, config.context_parallel_size > 1)] * cfg.mtp_num_layers
+    specs = [mtp_layer_spec(cfg, backend, config.context_parallel_size > 1)] * cfg.mtp_num_layers
     return MultiTokenPredictionBlockSubmodules(layer_specs=specs[offset : offset + count])

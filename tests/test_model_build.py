@@ -63,7 +63,7 @@ def test_training_knobs_changed_on_the_config_take_effect(single_rank, tiny):
 @pytest.mark.parametrize(
     "parallel, precision, seq, message",
     [
-        (ParallelConfig(), PrecisionConfig(dtype="bf16", fp8="blockwise"), SEQ, "precision.fp8"),
+        (ParallelConfig(), PrecisionConfig(dtype="bf16", fp8="blockwise", fp8_backend="te"), SEQ, "fp8_backend"),
         (ParallelConfig(), PrecisionConfig(), 10**6, "max_position_embeddings"),
     ],
 )

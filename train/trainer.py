@@ -20,7 +20,9 @@ from mimo.data import DataRank, build_data_iterators, build_tokenizer, check_voc
 from mimo.data.config import DataConfig
 from mimo.data.stages import stage_config
 from mimo.model.accounting import flops_per_token, parameter_counts
+from mimo.model.builder import run_precision_plan
 from mimo.model.config import ModelConfig
+from mimo.model.precision import describe_precision_plan
 from mimo.recipes.compose import to_container, to_yaml
 from mimo.recipes.errors import ConfigError
 from mimo.recipes.schema import MimoConfig
@@ -133,6 +135,7 @@ class Trainer:
             (run_dir / RUN_CONFIG_FILE).write_text(to_yaml(cfg))
             logger.info("resolved config (saved to %s):\n%s", run_dir / RUN_CONFIG_FILE, to_yaml(cfg))
             logger.info("%s", describe_model(cfg.model, cfg.train.seq_length))
+            logger.info("%s", describe_precision_plan(run_precision_plan(cfg.precision)))
         check_vocab(build_tokenizer(cfg.data), cfg.model.vocab_size)
 
         self.chunks, self.optimizer = build_training_model(cfg, seed=cfg.run.seed)
