@@ -1,7 +1,8 @@
 """The figures of ``mimo-report``: one PNG each, every run on the same axes, tokens on the x axis.
 
 Drawn with matplotlib's object interface on the Agg renderer (no display, no pyplot state). A figure whose
-fields no run logged is not drawn; ``draw_all`` returns a note saying why instead.
+fields no run logged is not drawn; ``draw_all`` returns a note saying why instead. A row holds the values of the
+logging interval that ends at its token count, so stepped curves hold each value over the interval before it.
 """
 
 from collections.abc import Callable, Sequence
