@@ -22,7 +22,17 @@ from megatron.core.transformer.moe.router import TopKRouter
 
 from mimo.model.config import ModelConfig
 
-MOE_PREFIX = "moe_"
+TOKENS_PER_EXPERT = "moe_tokens_per_expert"
+MAX_VIOLATION = "moe_max_violation"
+MAX_VIOLATION_PER_LAYER = "moe_max_violation_per_layer"
+BIAS_MEAN = "moe_expert_bias_mean"
+BIAS_MAX_ABS = "moe_expert_bias_max_abs"
+PER_LAYER = {
+    MAX_VIOLATION_PER_LAYER: "max_violation",
+    BIAS_MEAN: "expert_bias_mean",
+    BIAS_MAX_ABS: "expert_bias_max_abs",
+}
+"""The per-MoE-layer lists ``take`` logs, and the name of each as a series (wandb: ``moe/<name>/layer_<n>``)."""
 
 
 def max_violation(counts: Sequence[Sequence[float]]) -> list[float]:
@@ -72,11 +82,11 @@ class ExpertLoad:
         violations = max_violation(counts)
         bias_mean, bias_max_abs = self._bias_statistics()
         return {
-            MOE_PREFIX + "tokens_per_expert": [[int(n) for n in layer] for layer in counts],
-            MOE_PREFIX + "max_violation": max(violations),
-            MOE_PREFIX + "max_violation_per_layer": violations,
-            MOE_PREFIX + "expert_bias_mean": bias_mean,
-            MOE_PREFIX + "expert_bias_max_abs": bias_max_abs,
+            TOKENS_PER_EXPERT: [[int(n) for n in layer] for layer in counts],
+            MAX_VIOLATION: max(violations),
+            MAX_VIOLATION_PER_LAYER: violations,
+            BIAS_MEAN: bias_mean,
+            BIAS_MAX_ABS: bias_max_abs,
         }
 
     def _bias_statistics(self) -> tuple[list[float], list[float]]:

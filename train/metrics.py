@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from mimo.recipes.errors import ConfigError
 from mimo.train.config import METRICS_FILE, LoggingConfig
+from mimo.train.expert_load import MAX_VIOLATION, PER_LAYER, TOKENS_PER_EXPERT
 
 logger = logging.getLogger("mimo")
 
@@ -33,19 +34,12 @@ CONSOLE_FIELDS = (
     ("tflops_per_device", "{:.3g} TFLOP/s/dev"),
     ("mfu", "mfu {:.1%}"),
     ("peak_memory_gib", "mem {:.2f}GiB"),
-    ("moe_max_violation", "maxvio {:.2f}"),
+    (MAX_VIOLATION, "maxvio {:.2f}"),
     ("val_loss", "val {:.4f}"),
     ("val_ppl", "val ppl {:.1f}"),
     ("val_mtp_loss", "val mtp {:.4f}"),
     ("val_mtp_acceptance", "val accept {:.1%}"),
 )
-PER_LAYER_FIELDS = {
-    "moe_max_violation_per_layer": "max_violation",
-    "moe_expert_bias_mean": "expert_bias_mean",
-    "moe_expert_bias_max_abs": "expert_bias_max_abs",
-}
-"""Per-MoE-layer lists of metrics.jsonl and their wandb names, ``moe/<name>/layer_<decoder layer>``."""
-TOKENS_PER_EXPERT = "moe_tokens_per_expert"
 
 
 class MetricsWriter:
@@ -93,8 +87,8 @@ class MetricsWriter:
         """Per-layer lists become one series per layer; each layer's expert load a histogram of load / mean load."""
         import wandb
 
-        flat = {key: value for key, value in values.items() if key not in PER_LAYER_FIELDS and key != TOKENS_PER_EXPERT}
-        for key, name in PER_LAYER_FIELDS.items():
+        flat = {key: value for key, value in values.items() if key not in PER_LAYER and key != TOKENS_PER_EXPERT}
+        for key, name in PER_LAYER.items():
             for index, value in enumerate(values.get(key, [])):
                 flat[f"moe/{name}/layer_{self.first_moe_layer + index}"] = value
         for index, counts in enumerate(values.get(TOKENS_PER_EXPERT, [])):
