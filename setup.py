@@ -32,6 +32,8 @@ setup(
         "tqdm>=4.66",
         # megatron-core's checkpoint writer processes need it but megatron-core does not declare it.
         "psutil>=5.9",
+        # mimo-report's figures (Agg renderer, no display needed).
+        "matplotlib>=3.8",
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]>=2.8"],
@@ -46,6 +48,7 @@ setup(
             "mimo-preprocess=mimo.data.preprocess:main",
             "mimo-convert=mimo.train.tools.convert.cli:main",
             "mimo-eval=mimo.train.tools.evaluate:main",
+            "mimo-report=mimo.train.tools.report.cli:main",
         ]
     },
 )

@@ -10,7 +10,7 @@ many micro-batches the loop draws per step.
 
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,8 +39,9 @@ LONG_DOC_SPLIT = "1,0,0"
 class DataIterators:
     train: Iterator[Batch]
     """Endless micro-batches for this data-parallel rank."""
-    valid: Iterator[Batch] | None
-    """Endless validation micro-batches (cycling over data.valid_samples), or None without a validation split."""
+    valid: Iterable[Batch] | None
+    """Endless validation micro-batches (cycling over data.valid_samples), or None without a validation split; each
+    ``iter(valid)`` starts again at the first validation sample, so every validation can score the same ones."""
     tokenizer: MimoTokenizer
     dataset_names: list[str]
     """Label of each blended dataset; a micro-batch's ``dataset_id`` indexes this list."""
@@ -155,12 +156,10 @@ def _datasets(
     return train, valid, main.names + subsets.names
 
 
-def _loader(dataset: Dataset, consumed: int, rank: DataRank, num_workers: int) -> Iterator[Batch]:
+def _loader(dataset: Dataset, consumed: int, rank: DataRank, num_workers: int) -> DataLoader:
     sampler = _GlobalOrderSampler(consumed, rank)
-    return iter(
-        DataLoader(
-            _GlobalSamples(dataset), batch_sampler=sampler, num_workers=num_workers, persistent_workers=num_workers > 0
-        )
+    return DataLoader(
+        _GlobalSamples(dataset), batch_sampler=sampler, num_workers=num_workers, persistent_workers=num_workers > 0
     )
 
 
@@ -198,7 +197,7 @@ def build_data_iterators(
         "data: %d training samples from %s, %s validation samples", len(train), names, len(valid) if has_valid else "no"
     )
     return DataIterators(
-        train=_loader(train, consumed_samples, rank, cfg.num_workers),
+        train=iter(_loader(train, consumed_samples, rank, cfg.num_workers)),
         valid=_loader(valid, 0, rank, cfg.num_workers) if has_valid else None,
         tokenizer=tokenizer,
         dataset_names=names,

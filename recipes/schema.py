@@ -7,8 +7,10 @@ from mimo.model.config import ModelConfig, PrecisionConfig
 from mimo.parallel.config import ParallelConfig
 from mimo.train.config import (
     CheckpointConfig,
+    EvalConfig,
     LoggingConfig,
     OptimConfig,
+    ProfileConfig,
     RunConfig,
     ScheduleConfig,
     TrainConfig,
@@ -27,3 +29,5 @@ class MimoConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     data: DataConfig = field(default_factory=DataConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)

@@ -1,5 +1,5 @@
 """Shared fixtures: one data-index cache for the whole session (each test trains instead of tokenizing), a
-single-rank runtime, and the tiny Hub checkpoint and its import."""
+single-rank runtime, the tiny Hub checkpoint and its import, and one short training run with every observer on."""
 
 import pytest
 
@@ -7,6 +7,8 @@ from mimo.model.config import ModelConfig
 from mimo.parallel.config import ParallelConfig
 from mimo.parallel.runtime import initialize, shutdown
 from mimo.train.commands import quiet_expected_warnings
+
+from observed import ObservedRun, observed_config
 
 quiet_expected_warnings()
 
@@ -42,3 +44,12 @@ def imported(hub, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "imported"
     import_hf(hub.directory, out, IMPORT_OVERRIDES)
     return out
+
+
+@pytest.fixture(scope="session")
+def observed_run(tmp_path_factory, data_cache) -> ObservedRun:
+    """A single-rank mimo-train run of the tiny model with validation, MoE load, MFU and the profiler on."""
+    from mimo.train.trainer import run_training
+
+    run_dir = tmp_path_factory.mktemp("observed")
+    return ObservedRun(run_dir, run_training(observed_config(run_dir, data_cache)))

@@ -90,7 +90,7 @@ def test_micro_batch_contents(tmp_path):
     assert torch.equal(batch["sample_index"], torch.tensor([0, 1])) and torch.equal(
         second["sample_index"], torch.tensor([2, 3])
     )
-    assert data.valid is not None and next(data.valid)["tokens"].shape == (2, SEQ)
+    assert data.valid is not None and next(iter(data.valid))["tokens"].shape == (2, SEQ)
     text = data.tokenizer.decode(batch["tokens"][0].tolist())
     assert data.tokenizer.encode(text)[: SEQ - 4] == batch["tokens"][0].tolist()[: SEQ - 4]
 

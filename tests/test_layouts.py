@@ -6,9 +6,11 @@ dispatcher, DP2 with the distributed optimizer, CP2, and on 4 ranks TP2 x EP2, P
 CP2 x TP2 x EP2 and CP4. The tiny model's sequences are 128 tokens and its window 16, so under CP2 each rank's
 second chunk needs keys of the other rank's chunk, and under CP4 (chunks of 16) every window reaches across a
 chunk boundary; the MTP loss rolls labels across chunks.
-For each, the logged loss, LM, MTP and aux losses and the gradient norm of both steps, the initial weights (step 1
-trains at learning rate 0: warm-up starts there, so its checkpoint holds them), and every tensor of the step-2
-checkpoint (weights after a real update, expert biases, Adam moments) are compared with the single rank. Training
+For each, the logged loss, LM, MTP and aux losses and the gradient norm of both steps, the validation after step 2
+(loss, perplexity, MTP loss and acceptance), the tokens routed to each expert of each MoE layer (exactly), the
+initial weights (step 1 trains at learning rate 0: warm-up starts there, so its checkpoint holds them), and every
+tensor of the step-2 checkpoint (weights after a real update, expert biases, Adam moments) are compared with the
+single rank. Training
 on after a real update, and doing so under another layout, is tests/test_resharding.py's part.
 
 Tolerance: 1e-5 relative, per metric and step, and per tensor in norm. All runs compute in FP32 (unit roundoff
@@ -30,12 +32,14 @@ from mimo.model.config import ModelConfig
 from mimo.parallel.backend_limits import check_backend_support
 from mimo.parallel.config import ParallelConfig
 from mimo.parallel.layout import LayoutError, validate_layout
+from mimo.recipes import load_config
 
 from layout_runs import Run, run_group, run_single, tensor_differences, worst_metric_difference
 
 TOLERANCE = 1e-5
-RUN = ("train.steps=2", "checkpoint.interval=1", "checkpoint.keep=2")
-"""Two steps, a checkpoint after each."""
+RUN = ("train.steps=2", "checkpoint.interval=1", "checkpoint.keep=2", "eval.interval=2", "eval.iters=1")
+"""Two steps, a checkpoint after each, validation after the second (on one global batch)."""
+VALIDATION = ("val_loss", "val_ppl", "val_mtp_loss")
 
 TWO_RANKS = {
     "tp2-sp": ["parallel.tp=2"],
@@ -103,6 +107,34 @@ def test_initial_and_trained_tensors_match_one_rank(name, layouts, single):
     assert max(initial.values()) <= TOLERANCE, sorted(initial.items(), key=lambda item: -item[1])[:5]
     trained = tensor_differences(single.checkpoint(2), layouts[name].checkpoint(2))
     assert max(trained.values()) <= TOLERANCE, sorted(trained.items(), key=lambda item: -item[1])[:5]
+
+
+@pytest.mark.system
+@pytest.mark.parametrize("name", [*TWO_RANKS, *FOUR_RANKS])
+def test_validation_matches_one_rank(name, layouts, single):
+    (reference,) = [row for row in single.metrics() if "val_loss" in row]
+    (validated,) = [row for row in layouts[name].metrics() if "val_loss" in row]
+    assert reference["step"] == validated["step"] == 2
+    for key in VALIDATION:
+        assert validated[key] == pytest.approx(reference[key], rel=TOLERANCE), key
+    assert validated["val_mtp_acceptance"] == reference["val_mtp_acceptance"], "a greedy choice flipped"
+
+
+@pytest.mark.system
+@pytest.mark.parametrize("name", [*TWO_RANKS, *FOUR_RANKS])
+def test_expert_load_matches_one_rank(name, layouts, single):
+    """Every token routed once per MoE layer, whichever rank routes it: the same counts as one rank, dropless
+    totals of the step's tokens x top-k, and MaxVio recomputed from the counts."""
+    recipe = load_config()
+    top_k, seq_length = recipe.model.moe_router_topk, recipe.train.seq_length
+    for reference, row in zip(single.metrics(), layouts[name].metrics()):
+        counts = row["moe_tokens_per_expert"]
+        assert counts == reference["moe_tokens_per_expert"], f"step {row['step']}"
+        assert {sum(layer) for layer in counts} == {row["global_batch_size"] * seq_length * top_k}
+        violations = [max(layer) / (sum(layer) / len(layer)) - 1 for layer in counts]
+        assert row["moe_max_violation_per_layer"] == pytest.approx(violations, rel=1e-12)
+        assert row["moe_max_violation"] == pytest.approx(max(violations), rel=1e-12)
+        assert row["moe_expert_bias_max_abs"] == pytest.approx(reference["moe_expert_bias_max_abs"], rel=TOLERANCE)
 
 
 def _cli(tmp_path: Path, nproc: int, *overrides: str) -> subprocess.CompletedProcess:

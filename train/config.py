@@ -6,6 +6,8 @@ against a run (token amounts, LR curve, stages).
 
 from dataclasses import dataclass, field
 
+from mimo.recipes.errors import ConfigError
+
 RUN_CONFIG_FILE = "config.yaml"
 """The fully resolved config of a run, in its run directory."""
 METRICS_FILE = "metrics.jsonl"
@@ -65,6 +67,47 @@ class LoggingConfig:
     wandb: str = "off"
     """off | offline | online."""
     wandb_project: str = "mimo"
+
+
+@dataclass
+class EvalConfig:
+    """Validation during training: the loss and MTP metrics of ``mimo-eval`` on the run's validation split."""
+
+    interval: int = 50
+    """Validate every this many steps and at the end of each schedule stage; 0: never."""
+    iters: int = 4
+    """Global batches (``train.global_batch_size`` sequences each) per validation: always the first ``iters *
+    train.global_batch_size`` samples of the validation split, so every validation scores the same sequences."""
+
+    def validate(self) -> "EvalConfig":
+        if self.interval < 0 or self.iters < 1:
+            raise ConfigError(
+                f"eval.interval={self.interval}, eval.iters={self.iters}: the interval is a step count (0 turns "
+                "validation off) and at least one batch is evaluated (eval.iters >= 1)"
+            )
+        return self
+
+
+@dataclass
+class ProfileConfig:
+    """A torch profiler trace of a few steps, written below ``<run.dir>/profile/``."""
+
+    steps: list[int] = field(default_factory=list)
+    """[first, last]: the steps traced (inclusive); empty: no profiling."""
+    ranks: list[int] = field(default_factory=lambda: [0])
+    """The global ranks that write a trace."""
+    memory_snapshot: bool = False
+    """Also record a CUDA memory snapshot of those steps (GPU only)."""
+
+    def validate(self) -> "ProfileConfig":
+        if self.steps and not (len(self.steps) == 2 and 1 <= self.steps[0] <= self.steps[1]):
+            raise ConfigError(
+                f"profile.steps={list(self.steps)}: give [first, last] with 1 <= first <= last, e.g. "
+                "profile.steps=[5,6], or [] for no profiling"
+            )
+        if any(rank < 0 for rank in self.ranks):
+            raise ConfigError(f"profile.ranks={list(self.ranks)}: ranks are global process ranks (>= 0)")
+        return self
 
 
 TokenAmount = int | float | str

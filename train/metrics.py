@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from mimo.recipes.errors import ConfigError
 from mimo.train.config import METRICS_FILE, LoggingConfig
+from mimo.train.expert_load import MAX_VIOLATION, PER_LAYER, TOKENS_PER_EXPERT
 
 logger = logging.getLogger("mimo")
 
@@ -30,15 +31,25 @@ CONSOLE_FIELDS = (
     ("grad_norm", "gnorm {:.3f}"),
     ("global_batch_size", "gbs {}"),
     ("tokens_per_s", "tok/s {:.0f}"),
+    ("tflops_per_device", "{:.3g} TFLOP/s/dev"),
+    ("mfu", "mfu {:.1%}"),
     ("peak_memory_gib", "mem {:.2f}GiB"),
+    (MAX_VIOLATION, "maxvio {:.2f}"),
+    ("val_loss", "val {:.4f}"),
+    ("val_ppl", "val ppl {:.1f}"),
+    ("val_mtp_loss", "val mtp {:.4f}"),
+    ("val_mtp_acceptance", "val accept {:.1%}"),
 )
 
 
 class MetricsWriter:
-    def __init__(self, run_dir: str, cfg: LoggingConfig, run_config: dict[str, Any], enabled: bool):
+    def __init__(
+        self, run_dir: str, cfg: LoggingConfig, run_config: dict[str, Any], enabled: bool, first_moe_layer: int = 0
+    ):
         if cfg.wandb not in WANDB_MODES:
             raise ConfigError(f"logging.wandb={cfg.wandb!r}; choose one of {', '.join(WANDB_MODES)}")
         self.enabled = enabled
+        self.first_moe_layer = first_moe_layer
         self._wandb = None
         self._jsonl = None
         if not enabled:
@@ -63,7 +74,7 @@ class MetricsWriter:
         record = {"step": step, **values}
         self._jsonl.write(json.dumps(record) + "\n")
         if self._wandb is not None:
-            self._wandb.log(values, step=step)
+            self._wandb.log(self._for_wandb(values), step=step)
         parts = [fmt.format(values[key]) for key, fmt in CONSOLE_FIELDS if values.get(key) is not None]
         if len(values.get("samples_per_dataset", {})) > 1:
             total = sum(values["samples_per_dataset"].values()) or 1
@@ -71,6 +82,20 @@ class MetricsWriter:
                 "data " + " ".join(f"{name} {n / total:.0%}" for name, n in values["samples_per_dataset"].items())
             )
         logger.info("step %d | tokens %d | %s", step, values.get("tokens", 0), " | ".join(parts))
+
+    def _for_wandb(self, values: dict[str, Any]) -> dict[str, Any]:
+        """Per-layer lists become one series per layer; each layer's expert load a histogram of load / mean load."""
+        import wandb
+
+        flat = {key: value for key, value in values.items() if key not in PER_LAYER and key != TOKENS_PER_EXPERT}
+        for key, name in PER_LAYER.items():
+            for index, value in enumerate(values.get(key, [])):
+                flat[f"moe/{name}/layer_{self.first_moe_layer + index}"] = value
+        for index, counts in enumerate(values.get(TOKENS_PER_EXPERT, [])):
+            mean = sum(counts) / len(counts) or 1
+            relative = [count / mean for count in counts]
+            flat[f"moe/relative_load/layer_{self.first_moe_layer + index}"] = wandb.Histogram(relative)
+        return flat
 
     def close(self) -> None:
         if self._jsonl is not None:

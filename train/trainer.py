@@ -20,7 +20,7 @@ from mimo.data import DataRank, build_data_iterators, build_tokenizer, check_voc
 from mimo.data.config import DataConfig
 from mimo.data.stages import stage_config
 from mimo.model.accounting import flops_per_token, parameter_counts
-from mimo.model.builder import run_precision_plan
+from mimo.model.builder import PARAM_DTYPES, run_precision_plan
 from mimo.model.config import ModelConfig
 from mimo.model.precision import describe_precision_plan
 from mimo.recipes.compose import to_container, to_yaml
@@ -29,11 +29,15 @@ from mimo.recipes.schema import MimoConfig
 from mimo.train.build import build_training_model, chunk_iterators, run_record, start_runtime
 from mimo.train.checkpoint.manager import CheckpointManager, read_meta
 from mimo.train.config import RUN_CONFIG_FILE
+from mimo.train.expert_load import ExpertLoad
 from mimo.train.metrics import DatasetTally, MetricsWriter, StepProgress
 from mimo.train.preemption import StopRequest
+from mimo.train.profiling import StepProfiler
 from mimo.train.records import TrainState, describe_changes
 from mimo.train.schedule import Schedule, ScheduledValues
 from mimo.train.step import MicroBatching, StepResult, train_step
+from mimo.train.throughput import Throughput, device_peak
+from mimo.train.validation import Validator, check_validation
 
 logger = logging.getLogger("mimo")
 
@@ -109,6 +113,8 @@ def check_supported(cfg: MimoConfig) -> None:
             "data.reset_attention_mask=true: MiMo attention does not mask across packed documents yet; set it to "
             "false (data.reset_position_ids=true still restarts RoPE positions at each document)"
         )
+    check_validation(cfg)
+    cfg.profile.validate()
 
 
 class Trainer:
@@ -150,8 +156,19 @@ class Trainer:
         self.checkpoints = CheckpointManager(cfg.checkpoint, cfg.model)
         self.state, self.resumed_from = self._resume()
         self._build_data()
-        self.writer = MetricsWriter(cfg.run.dir, cfg.logging, to_container(cfg), runtime.is_main)
+        self.writer = MetricsWriter(
+            cfg.run.dir, cfg.logging, to_container(cfg), runtime.is_main, first_moe_layer=cfg.model.num_dense_layers
+        )
         self.progress = StepProgress(runtime.is_main, cfg.logging.progress_seconds)
+        self._setup_observers()
+
+    def _setup_observers(self) -> None:
+        """What watches the run without changing it: validation, MoE load, throughput against the peak, profiler."""
+        cfg, runtime = self.cfg, self.runtime
+        self.expert_load = ExpertLoad(self.chunks, cfg.model, runtime.device)
+        peak = device_peak(runtime.device, PARAM_DTYPES[cfg.precision.dtype])
+        self.throughput = Throughput(cfg.model, cfg.train.seq_length, runtime.world_size, peak)
+        self.profiler = StepProfiler(cfg.profile, cfg.run.dir, runtime.rank, runtime.device)
 
     def _resume(self) -> tuple[TrainState, str | None]:
         stage, stream = self.schedule.stage, data_stream_signature(self.cfg, self.data_cfg)
@@ -196,6 +213,7 @@ class Trainer:
         )
         self.tally = DatasetTally(data.train, data.dataset_names)
         self.iterators = chunk_iterators(self.tally, len(self.chunks))
+        self.validator = Validator(cfg, self.chunks, data.valid, self.runtime.layout.dp)
 
     # ------------------------------------------------------------------------------------------------ training
 
@@ -208,9 +226,10 @@ class Trainer:
             values.global_batch_size // self.samples_per_microbatch, cfg.train.micro_batch_size, cfg.train.seq_length
         )
         self.progress.start(state.step + 1, batching.num_microbatches * len(self.chunks))
-        result = train_step(
-            self.chunks, self.optimizer, self.iterators, batching, self.runtime.device, self.progress.micro_batch
-        )
+        with self.profiler.step(state.step + 1):
+            result = train_step(
+                self.chunks, self.optimizer, self.iterators, batching, self.runtime.device, self.progress.micro_batch
+            )
         state.step += 1
         state.consumed_samples += values.global_batch_size
         state.consumed_tokens += values.global_batch_size * cfg.train.seq_length
@@ -235,13 +254,15 @@ class Trainer:
             summary.grad_norms.append(trained.result.grad_norm)
             bar.update(1)
             bar.set_postfix(loss=f"{trained.result.loss:.3f}")
-            if state.step % cfg.logging.interval == 0 or state.step in (1, cfg.train.steps):
-                self._log(trained, interval_tokens / max(time.perf_counter() - interval_start, 1e-9))
+            stage_end = self.schedule.finished(state.consumed_tokens)
+            elapsed = time.perf_counter() - interval_start  # validation time is not training time
+            validation = self.validator.run(self.runtime.device) if self.validator.due(state.step, stage_end) else {}
+            if validation or state.step % cfg.logging.interval == 0 or state.step in (1, cfg.train.steps):
+                self._log(trained, interval_tokens / max(elapsed, 1e-9), validation)
                 interval_tokens, interval_start = 0, time.perf_counter()
 
             summary.stopped_by_signal = self.stop.agreed(self.runtime.device)
             paused = state.step == cfg.train.stop_after_steps
-            stage_end = self.schedule.finished(state.consumed_tokens)
             periodic = state.step == cfg.train.steps or state.step % cfg.checkpoint.interval == 0
             if summary.stopped_by_signal or paused or stage_end or periodic:
                 self.save(stage_end)
@@ -252,7 +273,7 @@ class Trainer:
         bar.close()
         return summary
 
-    def _log(self, trained: TrainedStep, tokens_per_s: float) -> None:
+    def _log(self, trained: TrainedStep, tokens_per_s: float, validation: dict[str, float]) -> None:
         result, state = trained.result, self.state
         self.writer.log(
             state.step,
@@ -267,8 +288,11 @@ class Trainer:
                 "update_skipped": result.update_skipped,
                 **asdict(trained.values),
                 "tokens_per_s": tokens_per_s,
+                **self.throughput.of(tokens_per_s),
                 "peak_memory_gib": peak_memory_gib(self.runtime.device),
                 "samples_per_dataset": self.tally.take(parallel_state.get_data_parallel_group(), self.runtime.device),
+                **self.expert_load.take(),
+                **validation,
             },
         )
 

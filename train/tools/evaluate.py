@@ -6,18 +6,10 @@ are the next tokens: sequence i holds tokens [i*S, (i+1)*S) and predicts [i*S+1,
 the first is predicted exactly once (``tokens`` = stream length - 1). The last sequence is padded and its padding
 masked. Positions run 0..S-1 in every sequence and attention is causal across documents, as in training.
 
-Metrics (all token-weighted over the whole dataset, computed from FP32 logits):
-
-- ``loss``: mean cross-entropy of the main model's next-token prediction; ``perplexity`` = exp(loss).
-- ``mtp_loss``: mean cross-entropy of the MTP block at depth k (k = 1 .. model.mtp_num_layers) predicting token
-  t+1+k from position t, over the positions whose target lies in the same sequence, averaged over depths
-  (``mtp_loss_per_depth`` has each; ``mtp_tokens`` counts the depth-1 positions).
-- ``mtp_acceptance``: the draft acceptance rate of greedy self-speculative decoding, teacher-forced. At position t
-  the depth-k block drafts argmax p_mtp_k(x_{t+1+k} | x_<=t+k); the main model verifies that token at position
-  t+k, where its own greedy choice is argmax p_main(x_{t+1+k} | x_<=t+k). The draft is accepted when the two
-  agree; the rate is the fraction of counted positions (the MTP loss positions) where they do. Both predictions
-  condition on the data's tokens, not on earlier drafts, so for depth 1 this is exactly the per-step acceptance of
-  the first draft token; ``mtp_acceptance_per_depth`` has each depth, and ``mtp_acceptance`` averages them.
+Metrics (token-weighted over the whole dataset; their definitions are ``mimo.train.evaluation``'s, which
+validation during training shares): ``loss``, ``perplexity``, ``mtp_loss`` (mean over MTP depths;
+``mtp_loss_per_depth`` has each, ``mtp_tokens`` counts the depth-1 positions) and ``mtp_acceptance``, the draft
+acceptance rate of greedy self-speculative decoding, teacher-forced (``mtp_acceptance_per_depth`` per depth).
 
 The forward passes go through megatron's pipeline schedules (``forward_only``) under any layout the command line
 asks for (``parallel.*``; launch with torchrun); the figures do not depend on it beyond float rounding.
@@ -30,24 +22,18 @@ import math
 import os
 import sys
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
-from functools import partial
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 from megatron.core import parallel_state
-from megatron.core.pipeline_parallel import get_forward_backward_func
-from megatron.core.utils import get_batch_on_this_cp_rank
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from mimo.data import build_tokenizer, check_vocab
 from mimo.data.tokenizer import encode_documents
 from mimo.model.builder import build_model
-from mimo.parallel.context_parallel import gather_in_sequence_order
 from mimo.parallel.runtime import Runtime, shutdown
 from mimo.recipes.compose import load_config
 from mimo.recipes.errors import MimoError, run_command
@@ -56,6 +42,8 @@ from mimo.train.build import chunk_iterators, start_runtime
 from mimo.train.checkpoint.lookup import checkpoint_model, checkpoint_precision, resolve_checkpoint, run_config_file
 from mimo.train.checkpoint.manager import load_checkpoint, read_meta
 from mimo.train.commands import quiet_expected_warnings, setup_logging
+from mimo.train.evaluation import EvalMetrics, evaluation_mode, forward_only_sums, num_sums, sum_over_ranks, summarize
+from mimo.train.step import MicroBatching
 
 PROG = "mimo-eval"
 JSONL_SUFFIXES = (".jsonl", ".json")
@@ -72,15 +60,7 @@ class EvalError(MimoError, ValueError):
 
 
 @dataclass
-class EvalResult:
-    loss: float
-    perplexity: float
-    tokens: int
-    mtp_loss: float | None
-    mtp_acceptance: float | None
-    mtp_tokens: int
-    mtp_loss_per_depth: list[float] = field(default_factory=list)
-    mtp_acceptance_per_depth: list[float] = field(default_factory=list)
+class EvalResult(EvalMetrics):
     sequences: int = 0
     checkpoint: str = ""
     step: int = 0
@@ -163,60 +143,8 @@ def _micro_batches(
         }
 
 
-def statistics(batch: dict[str, torch.Tensor], main: torch.Tensor, mtp: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Sums over one micro-batch: [main CE, main tokens, then per MTP depth: CE, tokens, accepted drafts]."""
-    labels, mask = batch["labels"], batch["loss_mask"].double()
-    values = [_masked_ce(main, labels, mask), mask.sum()]
-    verified = main.argmax(-1)
-    for depth, logits in enumerate(mtp, start=1):
-        draft, target, counted = logits[:, :-depth], labels[:, depth:], mask[:, depth:]
-        accepted = (draft.argmax(-1) == verified[:, depth:]).double() * counted
-        values += [_masked_ce(draft, target, counted), counted.sum(), accepted.sum()]
-    return torch.stack(values)
-
-
-def _masked_ce(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    per_token = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none")
-    return (per_token.double() * mask.flatten()).sum()
-
-
-def _forward_step(with_mtp: bool, data_iterator, model):
-    """A context-parallel rank runs its chunks of each sequence and gathers all ranks' logits back in order,
-    since MTP acceptance compares positions that lie in different chunks."""
-    batch = next(data_iterator)
-    local = get_batch_on_this_cp_rank(dict(batch))
-    output = model(local["tokens"], local["position_ids"], None, runtime_gather_output=True, return_mtp_logits=with_mtp)
-
-    def reduce(output_tensor):
-        main, mtp = output_tensor if with_mtp else (output_tensor, [])
-        cp_group = parallel_state.get_context_parallel_group()
-        main, *mtp = (gather_in_sequence_order(logits, cp_group, dim=1) for logits in (main, *mtp))
-        sums = statistics(batch, main, mtp)
-        return sums[0].clone().float(), sums[1].clone().int(), {"sums": sums}
-
-    return output, reduce
-
-
 def _result(sums: torch.Tensor, depths: int, sequences: int, checkpoint: Path, step: int) -> EvalResult:
-    tokens = int(sums[1].item())
-    loss = (sums[0] / max(tokens, 1)).item()
-    per_depth = sums[2:].view(depths, 3) if depths else torch.zeros(0, 3, dtype=sums.dtype)
-    mtp_tokens = int(per_depth[0, 1].item()) if depths else 0
-    mtp_losses = [(row[0] / row[1].clamp(min=1)).item() for row in per_depth]
-    acceptance = [(row[2] / row[1].clamp(min=1)).item() for row in per_depth]
-    return EvalResult(
-        loss=loss,
-        perplexity=math.exp(loss),
-        tokens=tokens,
-        mtp_loss=sum(mtp_losses) / depths if depths else None,
-        mtp_acceptance=sum(acceptance) / depths if depths else None,
-        mtp_tokens=mtp_tokens,
-        mtp_loss_per_depth=mtp_losses,
-        mtp_acceptance_per_depth=acceptance,
-        sequences=sequences,
-        checkpoint=str(checkpoint),
-        step=step,
-    )
+    return EvalResult(**asdict(summarize(sums, depths)), sequences=sequences, checkpoint=str(checkpoint), step=step)
 
 
 def eval_overrides(checkpoint: Path, overrides: Sequence[str]) -> list[str]:
@@ -234,20 +162,27 @@ def eval_overrides(checkpoint: Path, overrides: Sequence[str]) -> list[str]:
     return defaults + list(overrides)
 
 
-def evaluate(ckpt_dir: Path, data: Path, overrides: Sequence[str] = (), config_name: str = "config") -> EvalResult:
-    """Evaluate the checkpoint ``ckpt_dir`` resolves to on ``data`` under the layout of the overrides."""
+def _file_sequences(data: Path, cfg: MimoConfig) -> Sequences:
+    tokenizer = build_tokenizer(cfg.data)
+    check_vocab(tokenizer, cfg.model.vocab_size)
+    stream = read_token_stream(data, tokenizer)
+    if len(stream) and (stream.min() < 0 or stream.max() >= cfg.model.vocab_size):
+        raise EvalError(f"{data}: token ids must lie in 0..{cfg.model.vocab_size - 1} (model.vocab_size)")
+    return to_sequences(stream, cfg.train.seq_length)
+
+
+def evaluate(
+    ckpt_dir: Path, data: Path | Sequences, overrides: Sequence[str] = (), config_name: str = "config"
+) -> EvalResult:
+    """Evaluate the checkpoint ``ckpt_dir`` resolves to on ``data`` (a file, see the module docstring, or sequences
+    already cut) under the layout of the overrides."""
     checkpoint = resolve_checkpoint(ckpt_dir)
     cfg = load_config(eval_overrides(checkpoint, overrides), config_name=config_name)
     cfg.model = checkpoint_model(checkpoint)
     cfg.precision.dtype = checkpoint_precision(checkpoint)
     runtime = start_runtime(cfg)
     try:
-        tokenizer = build_tokenizer(cfg.data)
-        check_vocab(tokenizer, cfg.model.vocab_size)
-        stream = read_token_stream(data, tokenizer)
-        if len(stream) and (stream.min() < 0 or stream.max() >= cfg.model.vocab_size):
-            raise EvalError(f"{data}: token ids must lie in 0..{cfg.model.vocab_size - 1} (model.vocab_size)")
-        sequences = to_sequences(stream, cfg.train.seq_length)
+        sequences = data if isinstance(data, Sequences) else _file_sequences(data, cfg)
         chunks = build_model(cfg.model, cfg.parallel, cfg.precision, seq_length=cfg.train.seq_length, seed=cfg.run.seed)
         load_checkpoint(checkpoint, chunks, None, cfg.model)
         sums = _sums(chunks, _pad_to(sequences, cfg.train.global_batch_size), cfg, runtime)
@@ -260,35 +195,19 @@ def evaluate(ckpt_dir: Path, data: Path, overrides: Sequence[str] = (), config_n
 def _sums(chunks, sequences: Sequences, cfg: MimoConfig, runtime: Runtime) -> torch.Tensor:
     """``statistics`` summed over all sequences and ranks. Each call of megatron's schedule runs one global batch;
     data-parallel rank r takes the r-th slice of it, every pipeline stage of that rank the same slice."""
-    for chunk in chunks:
-        chunk.eval()
     depths = cfg.model.mtp_num_layers
     per_call, micro = cfg.train.global_batch_size, cfg.train.micro_batch_size
     per_rank = per_call // runtime.layout.dp
     dp_rank = parallel_state.get_data_parallel_rank()
-    totals = torch.zeros(2 + 3 * depths, dtype=torch.float64)
-    schedule = get_forward_backward_func()
+    batching = MicroBatching(per_rank // micro, micro, cfg.train.seq_length)
+    totals = torch.zeros(num_sums(depths), dtype=torch.float64)
     calls = range(0, len(sequences.tokens), per_call)
-    for start in tqdm(calls, desc="evaluating", unit="batch", disable=not runtime.is_main):
-        rows = range(start + dp_rank * per_rank, start + (dp_rank + 1) * per_rank)
-        iterators = chunk_iterators(_micro_batches(sequences, rows, micro, runtime.device), len(chunks))
-        with torch.no_grad():
-            outputs = schedule(
-                forward_step_func=partial(_forward_step, depths > 0),
-                data_iterator=iterators if len(chunks) > 1 else iterators[0],
-                model=chunks,
-                num_microbatches=per_rank // micro,
-                seq_length=cfg.train.seq_length,
-                micro_batch_size=micro,
-                forward_only=True,
-            )
-        for output in outputs:  # only the last pipeline stage has any
-            totals += output["sums"].cpu()
-    if parallel_state.get_tensor_model_parallel_rank() != 0 or parallel_state.get_context_parallel_rank() != 0:
-        totals.zero_()  # the tensor- and context-parallel ranks of the last stage all hold the same gathered logits
-    totals = totals.to(runtime.device)
-    dist.all_reduce(totals)
-    return totals.cpu()
+    with evaluation_mode(chunks):
+        for start in tqdm(calls, desc="evaluating", unit="batch", disable=not runtime.is_main):
+            rows = range(start + dp_rank * per_rank, start + (dp_rank + 1) * per_rank)
+            iterators = chunk_iterators(_micro_batches(sequences, rows, micro, runtime.device), len(chunks))
+            totals += forward_only_sums(chunks, iterators, batching, depths, runtime.device)
+    return sum_over_ranks(totals, runtime.device)
 
 
 def build_parser() -> argparse.ArgumentParser:

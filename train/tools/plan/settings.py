@@ -26,12 +26,47 @@ class GpuSpec:
     network_gb_s: float
     """Network bandwidth per GPU and direction (GB/s), between nodes (one 400 Gb/s NIC per GPU)."""
     gpus_per_node: int = 8
+    """GPUs that share one NVLink domain."""
+    device_name: str = ""
+    """What ``torch.cuda.get_device_name()`` reports for it; training quotes its MFU against ``bf16_tflops``."""
 
 
 GPUS: dict[str, GpuSpec] = {
-    "h100": GpuSpec("H100 SXM 80GB", memory_gib=79.6, bf16_tflops=989.4, nvlink_gb_s=450.0, network_gb_s=50.0),
-    "h200": GpuSpec("H200 SXM 141GB", memory_gib=140.4, bf16_tflops=989.4, nvlink_gb_s=450.0, network_gb_s=50.0),
-    "b200": GpuSpec("B200 180GB", memory_gib=178.4, bf16_tflops=2250.0, nvlink_gb_s=900.0, network_gb_s=50.0),
+    "h100": GpuSpec(
+        "H100 SXM 80GB",
+        memory_gib=79.6,
+        bf16_tflops=989.4,
+        nvlink_gb_s=450.0,
+        network_gb_s=50.0,
+        device_name="NVIDIA H100 80GB HBM3",
+    ),
+    "h200": GpuSpec(
+        "H200 SXM 141GB",
+        memory_gib=140.4,
+        bf16_tflops=989.4,
+        nvlink_gb_s=450.0,
+        network_gb_s=50.0,
+        device_name="NVIDIA H200",
+    ),
+    "b200": GpuSpec(
+        "B200 180GB",
+        memory_gib=178.4,
+        bf16_tflops=2250.0,
+        nvlink_gb_s=900.0,
+        network_gb_s=50.0,
+        device_name="NVIDIA B200",
+    ),
+    # The Blackwell GPU of a GB200 NVL72 rack: a higher power limit than B200's (2.5 PFLOP/s dense BF16), 186 GB
+    # of HBM3e, 72 GPUs in one NVLink domain.
+    "gb200": GpuSpec(
+        "GB200 186GB",
+        memory_gib=184.0,
+        bf16_tflops=2500.0,
+        nvlink_gb_s=900.0,
+        network_gb_s=50.0,
+        gpus_per_node=72,
+        device_name="NVIDIA GB200",
+    ),
 }
 
 
