@@ -65,7 +65,8 @@ class RunFailed(RuntimeError):
 
 @contextmanager
 def captured_log() -> Iterator[list[str]]:
-    """Collect the ``mimo`` logger's messages (the run reconfigures the root logger, so hook in below it)."""
+    """Collect the ``mimo`` logger's INFO messages, whether or not a command configured logging (the commands
+    reconfigure the root logger, so hook in below it)."""
     lines: list[str] = []
 
     class Collect(logging.Handler):
@@ -74,11 +75,14 @@ def captured_log() -> Iterator[list[str]]:
 
     handler = Collect()
     logger = logging.getLogger("mimo")
+    level = logger.level
+    logger.setLevel(logging.INFO)
     logger.addHandler(handler)
     try:
         yield lines
     finally:
         logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def run_single(run: Run, data_cache: Path) -> Run:

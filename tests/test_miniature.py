@@ -13,7 +13,6 @@ the schedule worked out by hand from recipes/schedule/miniature.yaml, not agains
 """
 
 import json
-import logging
 import math
 import os
 import subprocess
@@ -25,6 +24,8 @@ from omegaconf import OmegaConf
 
 from mimo.recipes import load_config
 from mimo.train.trainer import run_training
+
+from layout_runs import captured_log
 
 pytestmark = pytest.mark.system
 
@@ -84,28 +85,10 @@ def stage_records(run_dir: Path, first_step: int, seq: int) -> list[dict]:
     return records[first_step - 1 :]
 
 
-class Lines(logging.Handler):
-    """mimo's log lines (attached to the "mimo" logger, which the trainer's logging set-up leaves alone)."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.lines: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(record.getMessage())
-
-    @property
-    def text(self) -> str:
-        return "\n".join(self.lines)
-
-
 @pytest.fixture
 def mimo_log():
-    handler = Lines()
-    logger = logging.getLogger("mimo")
-    logger.addHandler(handler)
-    yield handler
-    logger.removeHandler(handler)
+    with captured_log() as lines:
+        yield lines
 
 
 def step_values(record: dict) -> tuple:
@@ -138,12 +121,13 @@ def test_three_stages_in_order_on_one_run_directory(tmp_path, data_cache, mimo_l
         assert record["global_batch_size"] == expected_batch(record["tokens_before"])
     end1_step, end1_tokens = records[-1]["step"], records[-1]["tokens"]
     assert END1 <= end1_tokens < END1 + BATCH12 * SEQ12, "stage 1 stops at the first step past its end"
-    assert f"saved checkpoint at step {end1_step} to {checkpoint} (end of stage 'pretrain', kept)" in mimo_log.text
+    saved = f"saved checkpoint at step {end1_step} to {checkpoint} (end of stage 'pretrain', kept)"
+    assert saved in mimo_log
 
     # Stage 2: resumes from stage 1's final checkpoint; the MTP weight drops, the LR follows the stage-2 cosine
     second = run_training(load_config([*common, "miniature_stage=stage2"], config_name="miniature"))
     assert second.resumed_from == str(checkpoint / f"step_{end1_step:07d}")
-    assert "stage 'pretrain' -> 'midtrain': same settings" in mimo_log.text
+    assert "stage 'pretrain' -> 'midtrain': same settings" in mimo_log
     records = stage_records(run_dir, end1_step + 1, SEQ12)
     assert records[0]["tokens_before"] == end1_tokens
     assert step_values(records[0]) == (BATCH12, 0.1, 1e-3, 1e-5)
