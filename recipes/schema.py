@@ -7,6 +7,7 @@ from mimo.model.config import ModelConfig, PrecisionConfig
 from mimo.parallel.config import ParallelConfig
 from mimo.train.config import (
     CheckpointConfig,
+    FaultConfig,
     LoggingConfig,
     OptimConfig,
     RunConfig,
@@ -27,3 +28,9 @@ class MimoConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     data: DataConfig = field(default_factory=DataConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    fault: FaultConfig = field(default_factory=FaultConfig)
+
+    def validate_training(self) -> None:
+        """Refuse impossible training, optimizer, checkpoint and fault settings, naming the key."""
+        for section in (self.train, self.optim, self.checkpoint, self.fault):
+            section.validate()
