@@ -7,6 +7,7 @@ and the weighting depends on how the layout splits the batch; megatron's per-tok
 megatron-core 0.16.1 it scales the router's aux loss by each rank's local token count, which is layout-dependent.
 """
 
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -150,8 +151,10 @@ def _reduce_step_metrics(
     # of its own tokens, and those parts add up.
     replicas = parallel_state.get_data_parallel_world_size()
     aux_loss = (vector[4] / replicas / num_microbatches).item()
-    # Tensor-parallel ranks of the last stage all count the same tokens.
-    tokens = int(round(vector[1].item() / parallel_state.get_tensor_model_parallel_world_size()))
+    # Tensor-parallel ranks of the last stage all count the same tokens. A corrupted loss mask makes the count NaN:
+    # the step must still reach the numerical guard, which skips it.
+    count = vector[1].item() / parallel_state.get_tensor_model_parallel_world_size()
+    tokens = int(round(count)) if math.isfinite(count) else 0
     nonfinite = tuple(int(rank) for rank in torch.nonzero(vector[REDUCED_METRICS:]).flatten().tolist())
     return _ReducedStep(lm_loss, mtp_loss, aux_loss, tokens, nonfinite)
 

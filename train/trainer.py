@@ -17,6 +17,7 @@ from megatron.core.transformer import TransformerConfig
 from tqdm import tqdm
 
 from mimo.data import DataRank, build_data_iterators, build_tokenizer, check_vocab
+from mimo.data.blend import check_blend_files
 from mimo.data.config import DataConfig
 from mimo.data.stages import stage_config
 from mimo.model.accounting import flops_per_token, parameter_counts
@@ -166,16 +167,16 @@ class Trainer:
             logger.info("resolved config (saved to %s):\n%s", run_dir / RUN_CONFIG_FILE, to_yaml(cfg))
             logger.info("%s", describe_model(cfg.model, cfg.train.seq_length))
         check_vocab(build_tokenizer(cfg.data), cfg.model.vocab_size)
-
-        self.chunks, self.optimizer = build_training_model(cfg, seed=cfg.run.seed)
-        self.model_config: TransformerConfig = self.chunks[0].config
-
         self.samples_per_microbatch = cfg.train.micro_batch_size * runtime.layout.dp
         self.schedule = Schedule(
             cfg.schedule, optim=cfg.optim, train=cfg.train, model=cfg.model, batch_unit=self.samples_per_microbatch
         )
         self.data_cfg = stage_config(cfg.data, self.schedule.stage)
+        check_blend_files(self.data_cfg)
         self.record = run_record(cfg, runtime, self.data_cfg)
+
+        self.chunks, self.optimizer = build_training_model(cfg, seed=cfg.run.seed)
+        self.model_config: TransformerConfig = self.chunks[0].config
         self.checkpoints = CheckpointManager(cfg.checkpoint, cfg.model, runtime.device)
         self.state, self.resumed_from, losses = self._resume()
         self._build_data()
