@@ -25,7 +25,9 @@ from functools import partial
 from pathlib import Path
 
 from mimo.recipes import load_config
+from mimo.train.checkpoint.health import state_is_finite
 from mimo.train.checkpoint.manager import CheckpointManager, load_checkpoint
+from mimo.train.checkpoint.storage import OPTIMIZER_SHARDING, unwrapped
 from mimo.train.commands import quiet_expected_warnings, setup_logging
 from mimo.train.trainer import Trainer
 
@@ -123,6 +125,19 @@ def bench_sync(subject: Subject, repeats: int) -> float:
     return save
 
 
+def preparation(subject: Subject) -> tuple[float, float]:
+    """Seconds of two parts of every save, synchronous or not, that run before anything is written: the health
+    check, and assembling the optimizer's fully_reshardable state (megatron gathers each parameter's Adam state
+    over the data-parallel ranks and reshapes it to the parameter's shape)."""
+    trainer = subject.trainer
+    health = timed(lambda: state_is_finite(trainer.chunks, trainer.optimizer, trainer.runtime.device))
+    model = {f"model{i}": unwrapped(chunk).sharded_state_dict(metadata={}) for i, chunk in enumerate(trainer.chunks)}
+    optimizer_state = timed(
+        lambda: trainer.optimizer.sharded_state_dict(model, is_loading=False, metadata=OPTIMIZER_SHARDING)
+    )
+    return health, optimizer_state
+
+
 def bench_async(subject: Subject, repeats: int, sync_save: float) -> None:
     background = subject.manager("async", async_save=True)
     try:
@@ -141,6 +156,12 @@ def bench_async(subject: Subject, repeats: int, sync_save: float) -> None:
     print(
         f"background save blocks {block:.3f} s against {sync_save:.3f} s synchronous = {block / sync_save:.3f}x"
         f" (goal <= {ASYNC_BLOCKING_GOAL}); the worker then writes for {min(writing):.2f} s more"
+    )
+    parts = [preparation(subject) for _ in range(repeats)]
+    health, optimizer_state = min(part[0] for part in parts), min(part[1] for part in parts)
+    print(
+        f"  of which, in every save: health check {health:.3f} s, optimizer state assembly {optimizer_state:.3f} s;"
+        f" staging for the worker and planning {block - health - optimizer_state:.3f} s"
     )
     print(f"first background save (also starts the worker process): blocks {first:.2f} s")
     print(f"a training step while a background write runs: {busy_step / quiet_step:.2f}x a step without one")

@@ -1,5 +1,6 @@
 """Sample order, blending, resumption and long-document upsampling of build_data_iterators."""
 
+import collections
 import dataclasses
 
 import numpy
@@ -252,8 +253,8 @@ def test_a_longer_run_reads_the_same_first_samples(tmp_path, datasets, mixture):
 
 
 def test_each_epoch_is_a_new_order_of_the_same_samples_and_the_first_is_megatrons(tmp_path, datasets):
-    """Epoch 0 is what megatron-core's own builder gives for one epoch (the reference); every epoch holds each
-    sample once, in its own order."""
+    """Epoch 0 is what megatron-core's own builder gives for one epoch (the reference); every further epoch is
+    another pass over the same documents in another order."""
     cfg = DataConfig(blend=[datasets["web"]], cache_dir=str(tmp_path / "cache"))
     config = GPTDatasetConfig(
         random_seed=SEED,
@@ -271,5 +272,8 @@ def test_each_epoch_is_a_new_order_of_the_same_samples_and_the_first_is_megatron
     samples = _planned(cfg, tmp_path, 3 * epoch, horizon=3 * epoch)
     epochs = [samples[e * epoch : (e + 1) * epoch] for e in range(3)]
     assert epochs[0] == [tuple(reference[i]["tokens"].tolist()) for i in range(epoch)]
-    assert len(set(epochs[0])) == epoch and all(sorted(e) == sorted(epochs[0]) for e in epochs)
-    assert epochs[0] != epochs[1] and epochs[1] != epochs[2]
+    # Each epoch packs every document once, in another order (so other windows): the same tokens up to the
+    # partial sample each epoch drops at its end, and not the same samples.
+    tokens = [collections.Counter(token for sample in e for token in sample) for e in epochs]
+    assert all(sum(((tokens[0] - other) + (other - tokens[0])).values()) <= 2 * (SEQ + 1) for other in tokens[1:])
+    assert len(set(epochs[0]) & set(epochs[1])) < epoch // 10 and len(set(epochs[1]) & set(epochs[2])) < epoch // 10

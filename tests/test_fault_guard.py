@@ -12,18 +12,27 @@ from pathlib import Path
 import pytest
 import torch
 
+from mimo.train.checkpoint.health import all_finite
 from mimo.train.cli import main
 from mimo.train.fault.injection import ENV_VAR
 from mimo.train.tools.evaluate import evaluate
 
 from layout_runs import Run, checkpoint_tensors, run_group, run_single
 
-pytestmark = pytest.mark.system
-
 EVAL_TEXT = (
     "The Jargon File is a comprehensive compendium of hacker slang illuminating many aspects of hackish tradition,"
     " folklore, and humor. A hacker is a person who enjoys exploring the details of programmable systems. "
 ) * 8
+
+
+def test_all_finite_finds_nan_and_infinity_and_tolerates_sums_that_overflow():
+    finite = [torch.ones(1000), torch.full((10,), 3e38), torch.ones(5, dtype=torch.bfloat16), torch.arange(4)]
+    assert all_finite(finite), "3e38 x 10 overflows its sum, yet every value is finite"
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        poisoned = torch.ones(1000)
+        poisoned[777] = bad
+        assert not all_finite([*finite, poisoned])
+    assert not all_finite([torch.tensor([float("nan")], dtype=torch.bfloat16)])
 
 
 def assert_bit_identical(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> None:
@@ -45,6 +54,7 @@ def adam_steps(checkpoint: Path) -> list[float]:
     return [group["step"] for part in common.values() for group in part["optimizer"]["param_groups"]]
 
 
+@pytest.mark.system
 def test_non_finite_loss_and_gradients_change_nothing(tmp_path, data_cache, monkeypatch):
     monkeypatch.setenv(ENV_VAR, "nan_loss@3,nan_grad@4")
     run = run_single(Run(tmp_path, ["train.steps=5", "checkpoint.interval=1", "checkpoint.keep=10"]), data_cache)
@@ -68,6 +78,7 @@ def test_non_finite_loss_and_gradients_change_nothing(tmp_path, data_cache, monk
     assert "step 4: the gradients on rank 0 not finite" in warnings[1]
 
 
+@pytest.mark.system
 def test_two_ranks_agree_on_one_ranks_bad_gradient(tmp_path, data_cache, monkeypatch):
     monkeypatch.setenv(ENV_VAR, "nan_grad@2:1")
     (run,) = run_group(2, [Run(tmp_path, ["train.steps=3", "checkpoint.interval=1", "checkpoint.keep=10"])], data_cache)
@@ -76,6 +87,7 @@ def test_two_ranks_agree_on_one_ranks_bad_gradient(tmp_path, data_cache, monkeyp
     assert [record["update_skipped"] for record in run.metrics()] == [False, True, False]
 
 
+@pytest.mark.system
 def test_a_blow_up_stops_with_a_finite_checkpoint_that_evaluates(tmp_path, data_cache, capfd):
     """The issue's case: optim.lr=1e6 without clipping. The gradients overflow first; no update is applied from
     then on, the run stops after fault.max_consecutive_skips and its latest checkpoint evaluates finite."""

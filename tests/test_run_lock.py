@@ -56,10 +56,15 @@ def test_acquire_writes_this_process_and_release_removes_it(tmp_path):
 
 
 def test_a_live_holder_on_this_host_is_refused_by_name(tmp_path, sleeper):
-    write_lock(tmp_path, socket.gethostname(), sleeper.pid, age_seconds=3600)
+    write_lock(tmp_path, socket.gethostname(), sleeper.pid)
     with pytest.raises(RunDirBusy, match=rf"in use by another job \(host {socket.gethostname()}, pid {sleeper.pid}"):
         RunLock(tmp_path, STALE_MINUTES).acquire()
     assert holder_of(tmp_path)["pid"] == sleeper.pid
+    write_lock(tmp_path, socket.gethostname(), sleeper.pid, age_seconds=(STALE_MINUTES + 1) * 60)
+    lock = RunLock(tmp_path, STALE_MINUTES)  # a running pid that stopped refreshing: reused by another process
+    lock.acquire()
+    assert holder_of(tmp_path)["pid"] == os.getpid()
+    lock.release()
 
 
 def test_a_dead_holder_on_this_host_is_taken_over(tmp_path, sleeper):

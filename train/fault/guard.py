@@ -19,18 +19,16 @@ from dataclasses import dataclass
 
 import torch
 
+from mimo.train.checkpoint.health import all_finite
 from mimo.train.checkpoint.storage import unwrapped
 
 
 def local_gradients_finite(model_chunks: Sequence[torch.nn.Module]) -> bool:
     """Whether this rank's reduced gradients are all finite: one pass over megatron's contiguous gradient buffers
     (dense and expert), which hold every trainable parameter's gradient."""
-    flags = [
-        torch.isfinite(buffer.grad_data).all()
-        for chunk in model_chunks
-        for buffer in (*chunk.buffers, *chunk.expert_parallel_buffers)
-    ]
-    return bool(torch.stack(flags).all()) if flags else True
+    return all_finite(
+        buffer.grad_data for chunk in model_chunks for buffer in (*chunk.buffers, *chunk.expert_parallel_buffers)
+    )
 
 
 class ExpertBiasSnapshot:
