@@ -328,6 +328,7 @@ class Trainer:
             logger.warning("no checkpoint before step %d to roll back to: its update was skipped", spike.step)
             return False
         path, meta = target
+        self.watchdog.arm_checkpoint(spike.step, "rollback")
         position = self.rollbacks.data_position(self.state.consumed_samples, global_batch_size)
         skipped = self.state.skipped_steps
         self.state = self.checkpoints.load(path, self.chunks, self.optimizer, self.record.layout)
@@ -369,7 +370,7 @@ class Trainer:
 
     def save(self, stage_end: bool) -> Path:
         """Checkpoint the current state; the last checkpoint of a stage is kept whatever checkpoint.keep says."""
-        self.watchdog.arm_save(self.state.step)
+        self.watchdog.arm_checkpoint(self.state.step, "checkpoint save")
         path = self.checkpoints.save(
             self.state, self.chunks, self.optimizer, self.record, permanent=stage_end, losses=self.faults.history()
         )

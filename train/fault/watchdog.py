@@ -6,8 +6,8 @@ It is ``faulthandler``'s watchdog: a C thread that dumps every thread's stack an
 needing the interpreter lock, so it fires even when the main thread is blocked inside a collective or a C call.
 Each rank arms it at the start of every step, which replaces the previous deadline: ``fault.step_timeout_minutes``,
 or, once a few steps were timed, ``fault.step_timeout_median_factor`` times the median step if that is shorter.
-A checkpoint save is held to the fixed limit only. Every rank's own watchdog fires, so the stacks of the rank that
-hung and of those waiting for it are all written.
+A checkpoint save or a rollback's load is held to the fixed limit only. Every rank's own watchdog fires, so the
+stacks of the rank that hung and of those waiting for it are all written.
 
 Each rank's report ``hang/rank_NNNNN-pidPID.txt`` starts with a header (rewritten in place at each arming, one
 small write) naming the step and the limit; the stacks follow only if the limit passed. A run that ends normally
@@ -65,10 +65,11 @@ class HangWatchdog:
         self._step_started = now
         self._arm(step, "step", self._step_limit())
 
-    def arm_save(self, step: int) -> None:
-        """Before a checkpoint save: the fixed limit only, and the iteration is not timed."""
+    def arm_checkpoint(self, step: int, what: str) -> None:
+        """Before a checkpoint is saved or loaded (a rollback): the fixed limit only, and the iteration is not
+        timed (it is no measure of a step)."""
         self._step_started = None
-        self._arm(step, "checkpoint save", self.fixed_seconds)
+        self._arm(step, what, self.fixed_seconds)
 
     def _arm(self, step: int, what: str, seconds: float | None) -> None:
         if seconds is None:
