@@ -77,6 +77,15 @@ def resolve_blend(cfg: DataConfig, tokenizer: MimoTokenizer, cache_dir: Path) ->
     return Blend(prefixes, blend.weights, blend.names)
 
 
+def check_blend_files(cfg: DataConfig) -> None:
+    """Open every dataset the blend names (not the shipped corpus, which mimo writes itself): a missing, foreign or
+    damaged .bin/.idx stops the run here, before any model is built, rather than when the data is."""
+    blend = parse_blend(cfg.blend) if cfg.blend else parse_blend([SHIPPED_PREFIX])
+    for prefix in blend.prefixes:
+        if prefix != SHIPPED_PREFIX:
+            open_indexed(prefix)
+
+
 def split_ranges(num_documents: int, split: str) -> list[tuple[int, int] | None]:
     """The [begin, end) document range of each split (train, valid, test) exactly as megatron-core cuts it."""
     matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))

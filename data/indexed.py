@@ -22,6 +22,14 @@ from megatron.core.datasets.indexed_dataset import (
 from mimo.data.errors import DataError
 
 TMP_SUFFIX = ".tmp"
+INDEX_MAGIC = b"MMIDIDX\x00\x00"
+INDEX_VERSION = 1
+INDEX_HEADER = struct.Struct("<9sQBQQ")
+"""magic, version, token dtype code, sequence count, document count: the fixed start of a megatron .idx."""
+INDEX_ENTRY_BYTES = (4, 8)
+"""Per sequence: its length (int32) and its byte offset in the .bin (int64)."""
+DOCUMENT_ENTRY_BYTES = 8
+"""Per document boundary (int64), document count + 1 of them."""
 
 
 def token_dtype(vocab_size: int) -> type:
@@ -61,9 +69,34 @@ def merge_indexed(prefix: str, parts: Sequence[str], dtype: type) -> None:
     os.replace(get_idx_path(tmp_prefix), get_idx_path(prefix))
 
 
+def _check_index_header(idx_path: str) -> None:
+    """Read the .idx's fixed header and refuse, before megatron parses it, one that is foreign, of another
+    version, names no token type, holds no document, or whose size disagrees with the counts it states."""
+    with open(idx_path, "rb") as stream:
+        head = stream.read(INDEX_HEADER.size)
+    problem = None
+    if len(head) < INDEX_HEADER.size or not head.startswith(INDEX_MAGIC):
+        problem = "it does not start with a megatron-core index header"
+    else:
+        _, version, dtype_code, sequences, documents = INDEX_HEADER.unpack(head)
+        expected = INDEX_HEADER.size + sequences * sum(INDEX_ENTRY_BYTES) + documents * DOCUMENT_ENTRY_BYTES
+        if version != INDEX_VERSION:
+            problem = f"index version {version}, not {INDEX_VERSION}"
+        elif dtype_code not in {dtype.value for dtype in DType}:
+            problem = f"unknown token type code {dtype_code}"
+        elif sequences == 0:
+            problem = "it holds no document"
+        elif os.path.getsize(idx_path) != expected:
+            problem = f"{os.path.getsize(idx_path)} bytes where its counts need {expected} (truncated or damaged)"
+    if problem is not None:
+        raise DataError(
+            f"{idx_path} is not a readable megatron-core index: {problem}; re-create it with mimo-preprocess"
+        )
+
+
 def open_indexed(prefix: str) -> IndexedDataset:
     """Opens a dataset after checking what megatron would otherwise trip over deep inside training:
-    missing files, a foreign or truncated .idx, and a .bin whose size disagrees with its .idx."""
+    missing files, a foreign, empty or truncated .idx, and a .bin whose size disagrees with its .idx."""
     idx_path, bin_path = get_idx_path(prefix), get_bin_path(prefix)
     for path in (idx_path, bin_path):
         if not os.path.isfile(path):
@@ -71,14 +104,22 @@ def open_indexed(prefix: str) -> IndexedDataset:
                 f"{path} does not exist; check the dataset prefix in data.blend "
                 f"(a prefix names the .bin/.idx pair without extension) or run mimo-preprocess"
             )
+    _check_index_header(idx_path)
     try:
         dataset = IndexedDataset(prefix, mmap=True)
     except (AssertionError, ValueError, struct.error) as error:
+        detail = str(error) or "its document bounds disagree with its sequence count"  # megatron's bare assert
         raise DataError(
-            f"{idx_path} is not a readable megatron-core index ({error}); re-create it with mimo-preprocess"
+            f"{idx_path} is not a readable megatron-core index ({detail}); re-create it with mimo-preprocess"
         ) from error
-    lengths, pointers = dataset.index.sequence_lengths, dataset.index.sequence_pointers
-    expected = int(pointers[-1]) + int(lengths[-1]) * dataset.index.dtype_size if len(lengths) else 0
+    index = dataset.index  # checked at both ends only: reading every entry would cost minutes on large data
+    lengths, pointers, documents = index.sequence_lengths, index.sequence_pointers, index.document_indices
+    if pointers[0] != 0 or documents[0] != 0 or documents[-1] != len(lengths):
+        raise DataError(
+            f"{idx_path} is not a readable megatron-core index: its offsets and document bounds are inconsistent"
+            " (damaged); re-create it with mimo-preprocess"
+        )
+    expected = int(pointers[-1]) + int(lengths[-1]) * index.dtype_size
     actual = os.path.getsize(bin_path)
     if actual != expected:
         raise DataError(

@@ -1,7 +1,8 @@
 """Micro-batches for the training loop, in an order that depends only on the seed and the sample count.
 
-Global sample ``i`` is sample ``i`` of megatron-core's (blended) GPT dataset. Counting from
-``consumed_samples``, micro-batch ``m`` covers the global samples
+Global sample ``i`` is sample ``i`` of the blend's planned order (``mimo.data.order``: each dataset read epoch by
+epoch through megatron-core's GPT dataset, interleaved by megatron's blending), which does not depend on the run's
+length. Counting from ``consumed_samples``, micro-batch ``m`` covers the global samples
 ``[consumed + m * mbs * dp, consumed + (m + 1) * mbs * dp)`` and data-parallel rank ``r`` takes the
 ``r``-th contiguous slice of ``mbs``. So a resumed run continues with exactly the next unseen samples
 whatever its data-parallel size or micro-batch size, and batch-size ramp-up is only a matter of how
@@ -9,7 +10,6 @@ many micro-batches the loop draws per step.
 """
 
 import logging
-import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +24,7 @@ from mimo.data.blend import Blend, dataset_token_counts, long_document_blend, re
 from mimo.data.config import DataConfig
 from mimo.data.distributed import process_group_for_build
 from mimo.data.errors import DataError
+from mimo.data.order import BUILD_SAMPLES, EpochStream, PlannedSamples
 from mimo.data.tokenizer import MimoTokenizer, build_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -45,16 +46,14 @@ class DataIterators:
     tokenizer: MimoTokenizer
     dataset_names: list[str]
     """Label of each blended dataset; a micro-batch's ``dataset_id`` indexes this list."""
-    train_size: int
-    """Distinct training samples built; the order repeats after this many."""
 
 
 def _leaves(dataset: Dataset) -> list[Dataset]:
     return list(dataset.datasets) if isinstance(dataset, BlendedDataset) else [dataset]
 
 
-class _GlobalSamples(Dataset):
-    """Adds the global sample number and dataset id to megatron's samples, wrapping past the end."""
+class _ValidSamples(Dataset):
+    """The validation split as megatron builds it, cycled, with the sample's number and dataset id."""
 
     def __init__(self, dataset: Dataset) -> None:
         self.dataset = dataset
@@ -125,42 +124,40 @@ def _build(config: GPTDatasetConfig, sizes: list[int]) -> list[Dataset | None]:
     return BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
 
 
-def _with_surplus(samples: float, config: GPTDatasetConfig) -> int:
-    """A part of a blend needs a margin: the blending draws slightly more than its exact share."""
-    return math.ceil(samples * (1 + config.mid_level_dataset_surplus)) + 1
-
-
 def _datasets(
-    cfg: DataConfig, tokenizer: MimoTokenizer, cache_dir: Path, seq_length: int, seed: int, train_samples: int
-) -> tuple[Dataset, Dataset | None, list[str]]:
-    """(train, valid, leaf dataset names) built by megatron-core, with long documents blended in if asked."""
+    cfg: DataConfig, tokenizer: MimoTokenizer, cache_dir: Path, seq_length: int, seed: int
+) -> tuple[PlannedSamples, Dataset | None, list[str]]:
+    """(train, valid, dataset names): megatron-core builds the first epoch of every dataset of the blend (and of
+    the long-document subsets, if asked) and the validation split; the training order is planned over them."""
     blend = resolve_blend(cfg, tokenizer, cache_dir)
     share = cfg.long_docs.weight
     if cfg.long_docs.min_tokens <= 0 or share <= 0:
         config = _gpt_config(cfg, blend, cfg.split, tokenizer, seq_length, seed, cache_dir)
-        train, valid, _ = _build(config, [train_samples, cfg.valid_samples, 0])
-        return train, valid, blend.names
+        train, valid, _ = _build(config, [BUILD_SAMPLES, cfg.valid_samples, 0])
+        leaves, weights = _leaves(_trained(train, cfg)), list(blend.weights or [1.0])  # no weights: one dataset
+        return PlannedSamples([EpochStream(leaf, seed) for leaf in leaves], weights), valid, blend.names
     subsets = long_document_blend(blend, cfg.long_docs, cfg.split, cache_dir)
     main = Blend(blend.prefixes, blend.weights or dataset_token_counts(blend), blend.names)
     config = _gpt_config(cfg, main, cfg.split, tokenizer, seq_length, seed, cache_dir)
-    main_train, valid, _ = _build(config, [_with_surplus(train_samples * (1 - share), config), cfg.valid_samples, 0])
+    main_train, valid, _ = _build(config, [BUILD_SAMPLES, cfg.valid_samples, 0])
     long_config = _gpt_config(cfg, subsets, LONG_DOC_SPLIT, tokenizer, seq_length, seed, cache_dir)
-    long_train, _, _ = _build(long_config, [_with_surplus(train_samples * share, config), 0, 0])
-    # megatron-core cannot nest blends, so the final blend is over the per-dataset GPT datasets of both.
+    long_train, _, _ = _build(long_config, [BUILD_SAMPLES, 0, 0])
     weights = [w / sum(main.weights) * (1 - share) for w in main.weights] + [
         w / sum(subsets.weights) * share for w in subsets.weights
     ]
-    train = BlendedMegatronDatasetBuilder.build_generic_dataset(
-        BlendedDataset, lambda: True, True, _leaves(main_train) + _leaves(long_train), weights, train_samples, config
-    )
-    return train, valid, main.names + subsets.names
+    leaves = _leaves(_trained(main_train, cfg)) + _leaves(long_train)
+    return PlannedSamples([EpochStream(leaf, seed) for leaf in leaves], weights), valid, main.names + subsets.names
+
+
+def _trained(train: Dataset | None, cfg: DataConfig) -> Dataset:
+    if train is None:
+        raise DataError(f"data.split={cfg.split!r} leaves no training documents; give the training split a share")
+    return train
 
 
 def _loader(dataset: Dataset, consumed: int, rank: DataRank, num_workers: int) -> DataLoader:
     sampler = _GlobalOrderSampler(consumed, rank)
-    return DataLoader(
-        _GlobalSamples(dataset), batch_sampler=sampler, num_workers=num_workers, persistent_workers=num_workers > 0
-    )
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, persistent_workers=num_workers > 0)
 
 
 def build_data_iterators(
@@ -176,7 +173,8 @@ def build_data_iterators(
     """Builds (or reuses from the cache) the datasets of ``cfg`` and this rank's iterators.
 
     Call it on every rank (megatron-core's builder synchronises them with barriers). The sample order
-    depends on ``seed`` and ``train_samples`` (the run's total), so keep both fixed across resumes.
+    depends on ``seed`` (keep it fixed across resumes); ``train_samples`` (the run's total) only decides how many
+    epochs are built, so a longer run reads the same first samples.
     """
     rank.check()
     if consumed_samples < 0:
@@ -186,20 +184,24 @@ def build_data_iterators(
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else Path(run_dir) / CACHE_SUBDIR
     tokenizer = build_tokenizer(cfg)
     with process_group_for_build():
-        train, valid, names = _datasets(cfg, tokenizer, cache_dir, seq_length, seed, train_samples)
-    if train is None or len(train) == 0:
+        train, valid, names = _datasets(cfg, tokenizer, cache_dir, seq_length, seed)
+        if len(train):
+            train.build_for(train_samples)
+    if not len(train):
         raise DataError(
             f"data.blend {cfg.blend} yields no training sample of {seq_length + 1} tokens with "
             f"split {cfg.split!r}; add data or shorten train.seq_length"
         )
     has_valid = valid is not None and len(valid) > 0
     logger.info(
-        "data: %d training samples from %s, %s validation samples", len(train), names, len(valid) if has_valid else "no"
+        "data: %d training samples per epoch from %s, %s validation samples",
+        len(train),
+        names,
+        len(valid) if has_valid else "no",
     )
     return DataIterators(
         train=iter(_loader(train, consumed_samples, rank, cfg.num_workers)),
-        valid=_loader(valid, 0, rank, cfg.num_workers) if has_valid else None,
+        valid=_loader(_ValidSamples(valid), 0, rank, cfg.num_workers) if has_valid else None,
         tokenizer=tokenizer,
         dataset_names=names,
-        train_size=len(train),
     )

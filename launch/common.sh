@@ -47,3 +47,9 @@ mimo_plan() {
         exit "$status"
     fi
 }
+
+# mimo_run_dir RECIPE [OVERRIDE...]: the run directory the recipe and its overrides resolve to.
+mimo_run_dir() {
+    "$PYTHON" -c 'import sys; from mimo.recipes import load_config
+print(load_config(sys.argv[2:], config_name=sys.argv[1]).run.dir)' "$@"
+}

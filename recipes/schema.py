@@ -8,6 +8,7 @@ from mimo.parallel.config import ParallelConfig
 from mimo.train.config import (
     CheckpointConfig,
     EvalConfig,
+    FaultConfig,
     LoggingConfig,
     OptimConfig,
     ProfileConfig,
@@ -31,3 +32,10 @@ class MimoConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
+    fault: FaultConfig = field(default_factory=FaultConfig)
+
+    def validate_training(self) -> None:
+        """Refuse impossible training, optimizer, checkpoint, fault, validation and profiling settings, naming
+        the key."""
+        for section in (self.train, self.optim, self.checkpoint, self.fault, self.eval, self.profile):
+            section.validate()

@@ -1,16 +1,22 @@
 """Sample order, blending, resumption and long-document upsampling of build_data_iterators."""
 
+import collections
+import dataclasses
+
 import numpy
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
 from mimo.data.config import DataConfig, DataStageConfig, LongDocConfig
 from mimo.data.errors import DataError
 from mimo.data.indexed import write_indexed
 from mimo.data.loader import DataRank, build_data_iterators
 from mimo.data.stages import stage_config
+from mimo.data.tokenizer import build_tokenizer
 
 from multirank import LOOPBACK, spawn_ranks
 
@@ -225,3 +231,49 @@ def test_two_ranks_build_once_and_split_each_window(tmp_path):
     assert results[0] == [[4, 5], [8, 9], [12, 13]]
     assert results[1] == [[6, 7], [10, 11], [14, 15]]
     assert len(list((tmp_path / "cache" / "shipped").glob("*/*.idx"))) == 1
+
+
+def _planned(cfg: DataConfig, run_dir, count: int, horizon: int) -> list[tuple[int, ...]]:
+    """The tokens of global samples 0..count-1 as a run planned for ``horizon`` samples reads them."""
+    train = _iterators(cfg, run_dir, mbs=count, train_samples=horizon).train
+    return [tuple(row.tolist()) for row in next(train)["tokens"]]
+
+
+@pytest.mark.parametrize("mixture", ["one", "blend", "long_docs"])
+def test_a_longer_run_reads_the_same_first_samples(tmp_path, datasets, mixture):
+    """Raising train.steps must not reorder what a shorter run planned. 3000 samples span several epochs of each
+    dataset here (about 850 samples per epoch of web, code and mixed, 300 of mixed's long-document subset)."""
+    blends = {
+        "one": DataConfig(blend=[datasets["web"]]),
+        "blend": DataConfig(blend=["0.3", datasets["web"], "0.7", datasets["code"]]),
+        "long_docs": DataConfig(blend=[datasets["mixed"]], long_docs=LongDocConfig(min_tokens=400, weight=0.5)),
+    }
+    cfg = dataclasses.replace(blends[mixture], cache_dir=str(tmp_path / "cache"))
+    assert _planned(cfg, tmp_path, 3000, horizon=3000) == _planned(cfg, tmp_path, 3000, horizon=12_000)
+
+
+def test_each_epoch_is_a_new_order_of_the_same_samples_and_the_first_is_megatrons(tmp_path, datasets):
+    """Epoch 0 is what megatron-core's own builder gives for one epoch (the reference); every further epoch is
+    another pass over the same documents in another order."""
+    cfg = DataConfig(blend=[datasets["web"]], cache_dir=str(tmp_path / "cache"))
+    config = GPTDatasetConfig(
+        random_seed=SEED,
+        sequence_length=SEQ,
+        blend=([datasets["web"]], None),
+        split=cfg.split,
+        path_to_cache=str(tmp_path / "reference_cache"),
+        tokenizer=build_tokenizer(cfg),
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+    )
+    reference, _, _ = BlendedMegatronDatasetBuilder(GPTDataset, [1, 0, 0], lambda: True, config).build()
+    epoch = len(reference)
+    samples = _planned(cfg, tmp_path, 3 * epoch, horizon=3 * epoch)
+    epochs = [samples[e * epoch : (e + 1) * epoch] for e in range(3)]
+    assert epochs[0] == [tuple(reference[i]["tokens"].tolist()) for i in range(epoch)]
+    # Each epoch packs every document once, in another order (so other windows): the same tokens up to the
+    # partial sample each epoch drops at its end, and not the same samples.
+    tokens = [collections.Counter(token for sample in e for token in sample) for e in epochs]
+    assert all(sum(((tokens[0] - other) + (other - tokens[0])).values()) <= 2 * (SEQ + 1) for other in tokens[1:])
+    assert len(set(epochs[0]) & set(epochs[1])) < epoch // 10 and len(set(epochs[1]) & set(epochs[2])) < epoch // 10

@@ -17,6 +17,7 @@ PROG = "mimo-train"
 def preflight(cfg: MimoConfig) -> LaunchEnv:
     """The checks that need neither megatron-core nor a process group, so a typo fails in a second."""
     cfg.model.validate()
+    cfg.validate_training()
     launch = launch_env(os.environ, default_port=cfg.parallel.master_port)
     validate_layout(
         cfg.parallel,

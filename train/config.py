@@ -4,6 +4,7 @@ The schedule's dataclasses live here so the recipes can compose them; ``mimo.tra
 against a run (token amounts, LR curve, stages).
 """
 
+import math
 from dataclasses import dataclass, field
 
 from mimo.recipes.errors import ConfigError
@@ -35,6 +36,16 @@ class TrainConfig:
     """Stop (after saving a checkpoint) once the run has reached this step, while every schedule still follows
     train.steps: for jobs sliced by a time limit, and for resume tests."""
 
+    def validate(self) -> "TrainConfig":
+        for key in ("steps", "global_batch_size", "micro_batch_size", "seq_length"):
+            _require(getattr(self, key) >= 1, f"train.{key}={getattr(self, key)} must be at least 1")
+        if self.stop_after_steps is not None:
+            _require(
+                self.stop_after_steps >= 1,
+                f"train.stop_after_steps={self.stop_after_steps} must be at least 1 (or null: run to train.steps)",
+            )
+        return self
+
 
 @dataclass
 class OptimConfig:
@@ -48,6 +59,25 @@ class OptimConfig:
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
 
+    def validate(self) -> "OptimConfig":
+        """Refuse values Adam cannot train with before the model is built (torch would fail only at its first
+        step, or silently diverge)."""
+        _require(_finite(self.lr) and self.lr > 0, f"optim.lr={self.lr} must be a positive number (e.g. 3e-4)")
+        _require(_finite(self.min_lr) and self.min_lr >= 0, f"optim.min_lr={self.min_lr} must be zero or positive")
+        _require(
+            _finite(self.weight_decay) and self.weight_decay >= 0,
+            f"optim.weight_decay={self.weight_decay} must be zero or positive",
+        )
+        for key in ("adam_beta1", "adam_beta2"):
+            value = getattr(self, key)
+            _require(_finite(value) and 0 <= value < 1, f"optim.{key}={value} must be in [0, 1) (e.g. 0.9, 0.95)")
+        _require(_finite(self.adam_eps) and self.adam_eps > 0, f"optim.adam_eps={self.adam_eps} must be positive")
+        _require(
+            _finite(self.clip_grad) and self.clip_grad >= 0,
+            f"optim.clip_grad={self.clip_grad} must be zero (no clipping) or positive",
+        )
+        return self
+
 
 @dataclass
 class CheckpointConfig:
@@ -56,7 +86,69 @@ class CheckpointConfig:
     interval: int = 100
     """Save every this many steps (and always at the end and on SIGTERM/SIGINT)."""
     keep: int = 2
-    """Complete checkpoints kept on disk; older ones are deleted once a newer one is complete."""
+    """Complete checkpoints kept on disk; older ones are deleted once a newer one is complete. The newest one and
+    each stage's final one are never deleted."""
+    async_save: bool = False
+    """Write checkpoints in the background (megatron-core's persistent checkpoint worker): training continues
+    while the files are written, and ``latest`` moves once every rank's write has finished."""
+
+    def validate(self) -> "CheckpointConfig":
+        _require(self.interval >= 1, f"checkpoint.interval={self.interval} must be at least 1 (steps between saves)")
+        _require(self.keep >= 1, f"checkpoint.keep={self.keep} must be at least 1 (the newest checkpoint stays)")
+        return self
+
+
+SPIKE_POLICIES = ("log", "skip", "rollback", "stop")
+
+
+@dataclass
+class FaultConfig:
+    """What a run does when a step goes wrong (``mimo.train.fault``): non-finite numbers, loss spikes, hangs, and
+    a second job on the same run directory."""
+
+    max_consecutive_skips: int = 5
+    """After this many steps in a row were skipped (non-finite loss or gradients, or spikes under
+    spike_policy=skip), the run saves its last good state and stops with an error."""
+    spike_policy: str = "log"
+    """What a loss spike does: log (warn, train on), skip (no update from that batch), rollback (reload the newest
+    checkpoint before the spike and skip its data, as large runs have done) or stop (save and exit non-zero)."""
+    spike_factor: float = 2.0
+    """A step's loss above this many times the median of the recent accepted losses is a spike."""
+    spike_window: int = 50
+    """How many recent accepted losses the median is taken over; nothing is a spike before the window is full."""
+    rollback_skip_batches: int = 200
+    """spike_policy=rollback: the batches from the checkpoint through the spike are skipped, and this many more."""
+    step_timeout_minutes: float | None = 60.0
+    """A step (with its logging and checkpoint) running longer than this is a hang: every rank writes its Python
+    stacks to <run.dir>/hang/ and the job exits non-zero, so a requeue resumes from the last checkpoint. null:
+    no fixed limit."""
+    step_timeout_median_factor: float | None = 20.0
+    """Once a few steps were timed, a step taking this many times the median step is a hang too (whichever limit
+    comes first; checkpoint saves are held to step_timeout_minutes only). null: off."""
+    lock_stale_minutes: float = 10.0
+    """The run directory's lock is refreshed every few seconds by the job holding it; one not refreshed for this
+    long belongs to a dead job (lost node) and is taken over."""
+
+    def validate(self) -> "FaultConfig":
+        _require(
+            self.max_consecutive_skips >= 1,
+            f"fault.max_consecutive_skips={self.max_consecutive_skips} must be at least 1",
+        )
+        _require(
+            self.spike_policy in SPIKE_POLICIES,
+            f"fault.spike_policy={self.spike_policy!r}; choose one of {', '.join(SPIKE_POLICIES)}",
+        )
+        _require(_finite(self.spike_factor) and self.spike_factor > 1, "fault.spike_factor must be above 1")
+        _require(self.spike_window >= 1, f"fault.spike_window={self.spike_window} must be at least 1")
+        _require(self.rollback_skip_batches >= 0, "fault.rollback_skip_batches must be zero or positive")
+        for key in ("step_timeout_minutes", "step_timeout_median_factor"):
+            value = getattr(self, key)
+            _require(value is None or (_finite(value) and value > 0), f"fault.{key}={value} must be positive or null")
+        _require(
+            _finite(self.lock_stale_minutes) and self.lock_stale_minutes > 0,
+            f"fault.lock_stale_minutes={self.lock_stale_minutes} must be positive",
+        )
+        return self
 
 
 @dataclass
@@ -171,3 +263,12 @@ class ScheduleConfig:
     stages: list[Stage] = field(default_factory=_default_stages)
     stage: str | None = None
     """The stage this run trains; it stops at that stage's end. None: the first stage."""
+
+
+def _finite(value: float) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)

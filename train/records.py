@@ -7,7 +7,7 @@ degrees, ``run`` as ``{"train.seq_length": ..., "parallel.tp": ...}`` and ``mode
 """
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from mimo.data.config import DataConfig
@@ -29,6 +29,9 @@ class TrainState:
     """What the samples are drawn from (mixture and sequence length); when it changes, a new stream starts."""
     data_start_samples: int = 0
     """consumed_samples when the current data stream began: the stream's own position is counted from here."""
+    skipped_steps: int = 0
+    """Steps whose update was skipped (non-finite numbers, loss spikes): they consumed their batch, not the
+    schedule's tokens."""
 
 
 @dataclass(frozen=True)
@@ -101,18 +104,29 @@ class CheckpointMeta:
     model: dict[str, Any]
     """The ModelConfig's fields (a dict: read back into a ModelConfig where needed)."""
     format: int = FORMAT_VERSION
+    losses: list[tuple[int, float]] = field(default_factory=list)
+    """The spike detector's window when the checkpoint was saved: (step, loss) of the recent accepted steps,
+    oldest first. A resume carries the window on; a rollback picks a checkpoint from it."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Entries this version does not know, kept as read."""
 
     @classmethod
-    def of(cls, state: TrainState, has_optimizer: bool, run: RunRecord, model: ModelConfig) -> "CheckpointMeta":
+    def of(
+        cls,
+        state: TrainState,
+        has_optimizer: bool,
+        run: RunRecord,
+        model: ModelConfig,
+        losses: list[tuple[int, float]] | None = None,
+    ) -> "CheckpointMeta":
         return cls(
-            state=state,
+            state=replace(state),
             has_optimizer=has_optimizer,
             world_size=run.layout.world_size,
             layout=run.layout.settings(),
             run=run.settings(),
             model=asdict(model),
+            losses=list(losses or []),
         )
 
     def to_json(self) -> str:
@@ -124,6 +138,7 @@ class CheckpointMeta:
             "layout": self.layout,
             "run": self.run,
             "model": self.model,
+            "losses": [list(pair) for pair in self.losses],
             **self.extra,
         }
         return json.dumps(record, indent=2)
@@ -133,7 +148,7 @@ class CheckpointMeta:
         """Raises ValueError (JSONDecodeError) for text that is not JSON."""
         record = json.loads(text)
         state_keys = {f.name for f in fields(TrainState)}
-        known = state_keys | {"format", "has_optimizer", "world_size", "layout", "run", "model"}
+        known = state_keys | {"format", "has_optimizer", "world_size", "layout", "run", "model", "losses"}
         return cls(
             state=TrainState(**{key: record[key] for key in state_keys if key in record}),
             has_optimizer=record.get("has_optimizer", False),
@@ -142,6 +157,7 @@ class CheckpointMeta:
             run=record.get("run", {}),
             model=record.get("model", {}),
             format=record.get("format"),
+            losses=[(int(step), float(loss)) for step, loss in record.get("losses", [])],
             extra={key: value for key, value in record.items() if key not in known},
         )
 

@@ -7,8 +7,9 @@ and the weighting depends on how the layout splits the batch; megatron's per-tok
 megatron-core 0.16.1 it scales the router's aux loss by each rank's local token count, which is layout-dependent.
 """
 
+import math
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from functools import partial
 
 import torch
@@ -25,9 +26,12 @@ from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelpe
 from megatron.core.utils import get_batch_on_this_cp_rank
 
 from mimo.parallel.context_parallel import sum_over_context_parallel
+from mimo.train.fault.guard import ExpertBiasSnapshot, local_gradients_finite
 
 Batch = dict[str, torch.Tensor]
 MODEL_INPUTS = ("tokens", "labels", "loss_mask", "position_ids")
+REDUCED_METRICS = 5
+"""LM loss sum and token count, MTP loss sum, MTP loss holders, aux loss: the head of the all-reduced vector."""
 
 
 @dataclass
@@ -37,9 +41,31 @@ class StepResult:
     aux_loss: float
     loss: float
     grad_norm: float
+    """NaN when the update was skipped before the norm was taken."""
     update_skipped: bool
     tokens: int
     """Tokens the loss was computed on, over the whole global batch."""
+    nonfinite_gradient_ranks: tuple[int, ...] = ()
+    """Global ranks whose reduced gradients held a NaN or infinity."""
+
+
+def _nothing(*args) -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class StepHooks:
+    """What the training loop plugs into a step; the defaults run the step as megatron-core would."""
+
+    on_micro_batch: Callable[[], None] = _nothing
+    """Called as each micro-batch is drawn (progress of long steps)."""
+    approve: Callable[[StepResult], bool] = field(default=lambda result: True)
+    """Called on every rank with the step's all-reduced losses and gradient flags before the update; False skips
+    the update and leaves the model, the optimizer and the expert biases as they were (mimo.train.fault)."""
+    corrupt_batch: Callable[[Batch], Batch] = field(default=lambda batch: batch)
+    """Fault injection (mimo.train.fault.injection): sees each micro-batch before the model does."""
+    corrupt_gradients: Callable[[Sequence[torch.nn.Module]], None] = _nothing
+    """Fault injection: sees the reduced gradients before the guard does."""
 
 
 def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
@@ -58,13 +84,11 @@ def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor) -> tuple[to
     return scaled, num_tokens, {"lm_loss": torch.stack([loss_sum.detach(), count])}
 
 
-def forward_step(
-    device: torch.device, on_micro_batch: Callable[[], None], data_iterator: Iterator[Batch], model: torch.nn.Module
-):
+def forward_step(device: torch.device, hooks: StepHooks, data_iterator: Iterator[Batch], model: torch.nn.Module):
     """Every pipeline stage reads the same micro-batch so all iterators advance in lockstep; a context-parallel
     rank keeps its two load-balanced chunks of each sequence (positions included, so RoPE sees true ones)."""
-    batch = next(data_iterator)
-    on_micro_batch()
+    batch = hooks.corrupt_batch(next(data_iterator))
+    hooks.on_micro_batch()
     local = get_batch_on_this_cp_rank({key: batch[key].to(device, non_blocking=True) for key in MODEL_INPUTS})
     tokens, labels, loss_mask, position_ids = (local[key] for key in MODEL_INPUTS)
     output = model(
@@ -92,19 +116,31 @@ def _tracked_mtp_loss() -> torch.Tensor:
     return torch.zeros(()) if values is None else values.detach().float().sum().cpu()
 
 
+@dataclass(frozen=True)
+class _ReducedStep:
+    lm_loss: float
+    mtp_loss: float
+    aux_loss: float
+    tokens: int
+    nonfinite_gradient_ranks: tuple[int, ...]
+
+
 def _reduce_step_metrics(
-    losses: list[dict], config: TransformerConfig, num_microbatches: int
-) -> tuple[float, float, float, int]:
-    """Average the step's losses over the whole job.
+    losses: list[dict], config: TransformerConfig, num_microbatches: int, gradients_finite: bool
+) -> _ReducedStep:
+    """Average the step's losses over the whole job, and tell every rank whose gradients are not finite.
 
     Ranks that hold the loss (last pipeline stage) contribute sums and counts, all others zeros. Sums and
     counts are duplicated alike across tensor-parallel ranks, so their ratio is exact after one all-reduce.
+    Each rank also sets its own slot of a world-sized flag vector in the same all-reduce.
     """
     lm = torch.stack([entry["lm_loss"].float().cpu() for entry in losses]).sum(0) if losses else torch.zeros(2)
     is_last = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
     mtp_sum = _tracked_mtp_loss() if is_last else torch.zeros(())
     holders = torch.tensor(1.0 if is_last else 0.0)
-    vector = torch.stack([lm[0], lm[1], mtp_sum, holders, _tracked_aux_loss(config)])
+    flags = torch.zeros(dist.get_world_size())
+    flags[dist.get_rank()] = 0.0 if gradients_finite else 1.0
+    vector = torch.cat([torch.stack([lm[0], lm[1], mtp_sum, holders, _tracked_aux_loss(config)]), flags])
     vector = vector.to(torch.cuda.current_device() if torch.cuda.is_available() else "cpu")
     dist.all_reduce(vector)
     vector = vector.cpu()
@@ -115,9 +151,12 @@ def _reduce_step_metrics(
     # of its own tokens, and those parts add up.
     replicas = parallel_state.get_data_parallel_world_size()
     aux_loss = (vector[4] / replicas / num_microbatches).item()
-    # Tensor-parallel ranks of the last stage all count the same tokens.
-    tokens = int(round(vector[1].item() / parallel_state.get_tensor_model_parallel_world_size()))
-    return lm_loss, mtp_loss, aux_loss, tokens
+    # Tensor-parallel ranks of the last stage all count the same tokens. A corrupted loss mask makes the count NaN:
+    # the step must still reach the numerical guard, which skips it.
+    count = vector[1].item() / parallel_state.get_tensor_model_parallel_world_size()
+    tokens = int(round(count)) if math.isfinite(count) else 0
+    nonfinite = tuple(int(rank) for rank in torch.nonzero(vector[REDUCED_METRICS:]).flatten().tolist())
+    return _ReducedStep(lm_loss, mtp_loss, aux_loss, tokens, nonfinite)
 
 
 @dataclass(frozen=True)
@@ -135,16 +174,18 @@ def train_step(
     data_iterators: Sequence[Iterator[Batch]],
     batching: MicroBatching,
     device: torch.device,
-    on_micro_batch: Callable[[], None] = lambda: None,
+    hooks: StepHooks = StepHooks(),
 ) -> StepResult:
-    """Forward and backward over the step's micro-batches (megatron's pipeline schedule for the layout), then the
-    optimizer update. The shared TransformerConfig of the chunks carries the scheduled loss weights."""
+    """Forward and backward over the step's micro-batches (megatron's pipeline schedule for the layout), then,
+    if ``hooks.approve`` agrees, the optimizer update. The shared TransformerConfig of the chunks carries the
+    scheduled loss weights."""
     config: TransformerConfig = model_chunks[0].config
     for chunk in model_chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
+    expert_biases = ExpertBiasSnapshot(model_chunks)
     losses = get_forward_backward_func()(
-        forward_step_func=partial(forward_step, device, on_micro_batch),
+        forward_step_func=partial(forward_step, device, hooks),
         data_iterator=list(data_iterators) if len(model_chunks) > 1 else data_iterators[0],
         model=list(model_chunks),
         num_microbatches=batching.num_microbatches,
@@ -152,18 +193,28 @@ def train_step(
         micro_batch_size=batching.micro_batch_size,
         forward_only=False,
     )
-    update_successful, grad_norm, _ = optimizer.step()
-    lm_loss, mtp_loss, aux_loss, tokens = _reduce_step_metrics(losses, config, batching.num_microbatches)
+    hooks.corrupt_gradients(model_chunks)
+    reduced = _reduce_step_metrics(losses, config, batching.num_microbatches, local_gradients_finite(model_chunks))
     clear_aux_losses_tracker()
     if "values" in MTPLossLoggingHelper.tracker:  # only stages holding MTP blocks ever track a loss
         MTPLossLoggingHelper.clean_loss_in_tracker()
     mtp_weight = config.mtp_loss_scaling_factor if config.mtp_num_layers else 0.0
-    return StepResult(
-        lm_loss=lm_loss,
-        mtp_loss=mtp_loss,
-        aux_loss=aux_loss,
-        loss=lm_loss + mtp_weight * mtp_loss + aux_loss,
+    result = StepResult(
+        lm_loss=reduced.lm_loss,
+        mtp_loss=reduced.mtp_loss,
+        aux_loss=reduced.aux_loss,
+        loss=reduced.lm_loss + mtp_weight * reduced.mtp_loss + reduced.aux_loss,
+        grad_norm=float("nan"),
+        update_skipped=True,
+        tokens=reduced.tokens,
+        nonfinite_gradient_ranks=reduced.nonfinite_gradient_ranks,
+    )
+    if not hooks.approve(result):
+        expert_biases.restore()  # megatron moved them inside finalize_model_grads, before the update was refused
+        return result
+    update_successful, grad_norm, _ = optimizer.step()
+    return replace(
+        result,
         grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
         update_skipped=not update_successful,
-        tokens=tokens,
     )

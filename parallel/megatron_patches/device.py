@@ -143,6 +143,43 @@ def _fork_checkpoint_results_queue() -> None:
     filesystem_async._get_write_results_queue = fork_results_queue
 
 
+def _copy_staged_tensors(write_buckets: list, non_blocking: bool = True) -> list:
+    """The CPU worker's stand-in for ``FileSystemWriterAsync.preload_tensors``: copy every tensor of the rank's write
+    buckets (a GPU run copies them to host memory at this point)."""
+    return [
+        (file_name, storage_key, (bytes_data, [(item, tensor.clone()) for item, tensor in tensor_data]))
+        for file_name, storage_key, (bytes_data, tensor_data) in write_buckets
+    ]
+
+
+def _checkpoint_worker_loop(*args: Any, **kwargs: Any) -> None:
+    """Entry of the spawned persistent checkpoint worker on CPU, in place of ``PersistentAsyncCaller.async_loop``.
+
+    The worker is a fresh process without mimo's stand-ins: it needs one for its first call,
+    ``torch.cuda.set_device(rank % torch.cuda.device_count())``. And it must copy the tensors it is handed while
+    training waits for it (``preload_q.join()``): on a GPU that copy is the device-to-host staging, but megatron
+    passes CPU tensors on as they are (pickling only moves their storage to shared memory), so the worker would
+    write tensors that training goes on changing. Then megatron's own loop runs, unchanged.
+    """
+    from megatron.core.dist_checkpointing.strategies.async_utils import PersistentAsyncCaller
+    from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
+
+    _patch_torch_cuda()
+    torch.cuda.device_count = lambda: 1
+    torch.cuda.set_device = lambda device: None
+    FileSystemWriterAsync.preload_tensors = staticmethod(_copy_staged_tensors)
+    megatron_loop = PersistentAsyncCaller.async_loop  # this process never applied the patch below
+    if megatron_loop is _checkpoint_worker_loop:
+        raise RuntimeError("the checkpoint worker's loop points back at itself: it must run in a fresh process")
+    megatron_loop(*args, **kwargs)
+
+
+def _run_checkpoint_worker_on_cpu() -> None:
+    from megatron.core.dist_checkpointing.strategies.async_utils import PersistentAsyncCaller
+
+    PersistentAsyncCaller.async_loop = staticmethod(_checkpoint_worker_loop)
+
+
 class _DropSharedRngWarning(logging.Filter):
     """The RNG tracker warns when the CPU RNG advances inside a fork of the CUDA RNG. Here the two are the same
     generator by design, so the warning fires on every dropout and means nothing."""
@@ -186,6 +223,12 @@ PATCHES = (
         "no_cuda",
         "the async checkpoint writer must spawn (not fork) its result queue's manager",
         _fork_checkpoint_results_queue,
+    ),
+    Patch(
+        "checkpoint_worker_cpu",
+        "no_cuda",
+        "the persistent async checkpoint worker selects its rank's GPU and stages tensors by copying them to host",
+        _run_checkpoint_worker_on_cpu,
     ),
     Patch(
         "shared_rng_warning",

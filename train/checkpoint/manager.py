@@ -1,13 +1,16 @@
 """Where a run's checkpoints go, which one is ``latest`` and which are kept.
 
 A save is written into ``<dir>/step_NNNNNNN.partial`` and renamed to ``step_NNNNNNN`` only once every rank has
-finished; the ``latest`` file is then replaced atomically. A kill at any moment therefore leaves the previous
-checkpoint as the latest one, complete.
+finished (with ``checkpoint.async_save``, when the background write completes); the ``latest`` file is then
+replaced atomically. A kill at any moment therefore leaves the previous checkpoint as the latest one, complete.
+A state holding a NaN or an infinity on any rank is never written (``health``), so ``latest`` always names a
+healthy checkpoint, and ``checkpoint.keep`` deletes neither the newest one nor a stage's final one.
 """
 
 import os
 import shutil
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -16,6 +19,8 @@ from megatron.core.optimizer import MegatronOptimizer
 
 from mimo.model.config import ModelConfig
 from mimo.train.checkpoint import CheckpointError
+from mimo.train.checkpoint.background import BackgroundWriter
+from mimo.train.checkpoint.health import state_is_finite
 from mimo.train.checkpoint.storage import load_tensors, save_tensors, verify_files
 from mimo.train.config import CheckpointConfig
 from mimo.train.records import FORMAT_VERSION, CheckpointMeta, LayoutRecord, RunRecord, TrainState
@@ -67,6 +72,15 @@ def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
     return path
 
 
+def complete_checkpoints(ckpt_dir: str | Path) -> list[Path]:
+    """Every complete checkpoint under ``ckpt_dir``, oldest step first."""
+    return sorted(
+        path
+        for path in Path(ckpt_dir).glob("step_*")
+        if not path.name.endswith(PARTIAL_SUFFIX) and (path / META_FILE).exists()
+    )
+
+
 def read_meta(path: Path) -> CheckpointMeta:
     try:
         meta = CheckpointMeta.from_json((path / META_FILE).read_text())
@@ -115,14 +129,16 @@ def load_checkpoint(
 
 class CheckpointManager:
     """The checkpoints of one run directory: saving (atomically, then pruning to ``checkpoint.keep``), finding
-    the latest and loading it."""
+    the latest and loading it. Saving and waiting are collective: every rank calls them together."""
 
-    def __init__(self, cfg: CheckpointConfig, model: ModelConfig) -> None:
+    def __init__(self, cfg: CheckpointConfig, model: ModelConfig, device: torch.device) -> None:
         if cfg.dir is None:
             raise CheckpointError("checkpoint.dir is unset; compose the config with mimo.recipes.load_config")
         self.root = Path(cfg.dir)
         self.keep = cfg.keep
         self.model = model
+        self.device = device
+        self._background = BackgroundWriter() if cfg.async_save else None
 
     def latest(self) -> Path | None:
         return latest_checkpoint(self.root)
@@ -130,6 +146,7 @@ class CheckpointManager:
     def load(
         self, path: Path, model_chunks: list[torch.nn.Module], optimizer: MegatronOptimizer | None, layout: LayoutRecord
     ) -> TrainState:
+        self.wait()
         return load_checkpoint(path, model_chunks, optimizer, self.model, layout)
 
     def save(
@@ -139,39 +156,76 @@ class CheckpointManager:
         optimizer: MegatronOptimizer | None,
         run: RunRecord,
         permanent: bool = False,
+        losses: list[tuple[int, float]] | None = None,
     ) -> Path:
         """Write a complete checkpoint, then make it the latest; older ones beyond ``keep`` are removed.
-        ``permanent`` marks it to be kept whatever ``keep`` says (a stage's last checkpoint)."""
+        ``permanent`` marks it to be kept whatever ``keep`` says (a stage's last checkpoint); ``losses`` is the
+        spike detector's window (``CheckpointMeta.losses``). With ``checkpoint.async_save`` this returns once the
+        write has started; it completes during later steps (``poll``) or at ``wait``."""
+        self.wait()
+        if not state_is_finite(model_chunks, optimizer, self.device):
+            raise CheckpointError(
+                f"refusing to save step {state.step}: the model or optimizer state holds NaN or infinite values on"
+                f" some rank; {LATEST_FILE} still names {self.latest()}. Resume from it (lower optim.lr or enable"
+                " optim.clip_grad)"
+            )
         final = self.root / step_dir_name(state.step)
-        partial = self.root / (final.name + PARTIAL_SUFFIX)
-        is_writer = dist.get_rank() == 0
-        if is_writer:
-            shutil.rmtree(partial, ignore_errors=True)  # debris of a save that was killed
-            partial.mkdir(parents=True)
+        partial_dir = self.root / (final.name + PARTIAL_SUFFIX)
+        meta = CheckpointMeta.of(state, optimizer is not None, run, self.model, losses)
+        if dist.get_rank() == 0:
+            shutil.rmtree(partial_dir, ignore_errors=True)  # debris of a save that was killed
+            partial_dir.mkdir(parents=True)
         dist.barrier()
-        save_tensors(partial, model_chunks, optimizer)
-        if is_writer:
-            meta = CheckpointMeta.of(state, optimizer is not None, run, self.model)
-            (partial / META_FILE).write_text(meta.to_json())
+        publish = partial(self._publish, partial_dir, final, meta.to_json(), permanent)
+        if self._background is None:
+            save_tensors(partial_dir, model_chunks, optimizer)
+            publish()
+        else:
+            request = save_tensors(partial_dir, model_chunks, optimizer, async_save=True)
+            request.add_finalize_fn(publish)
+            self._background.schedule(request, str(final))
+        return final
+
+    def _publish(self, partial_dir: Path, final: Path, meta_json: str, permanent: bool) -> None:
+        """Once every rank's shards are written: complete the directory, rename it and make it the latest."""
+        dist.barrier()
+        if dist.get_rank() == 0:
+            (partial_dir / META_FILE).write_text(meta_json)
             if permanent:
-                (partial / KEEP_MARKER).touch()
-        dist.barrier()
-        if is_writer:
+                (partial_dir / KEEP_MARKER).touch()
             if final.exists():
                 shutil.rmtree(final)
-            os.replace(partial, final)
+            os.replace(partial_dir, final)
             _atomic_write(self.root / LATEST_FILE, final.name)
             self._remove_old(final.name)
         dist.barrier()
-        return final
+
+    def point_latest(self, path: Path) -> None:
+        """Make ``path`` (a complete checkpoint of this directory) the latest again, as a rollback does."""
+        self.wait()
+        if dist.get_rank() == 0:
+            _atomic_write(self.root / LATEST_FILE, path.name)
+        dist.barrier()
+
+    def poll(self) -> None:
+        """Complete a background write that every rank has finished (after each step; collective)."""
+        if self._background is not None:
+            self._background.poll()
+
+    def wait(self) -> None:
+        """Block until a background write in flight is complete (collective)."""
+        if self._background is not None:
+            self._background.wait()
+
+    def close(self) -> None:
+        """Finish any background write and stop its worker."""
+        if self._background is not None:
+            background, self._background = self._background, None
+            background.close()
 
     def _remove_old(self, newest: str) -> None:
-        complete = sorted(
-            p
-            for p in self.root.glob("step_*")
-            if not p.name.endswith(PARTIAL_SUFFIX) and not (p / KEEP_MARKER).exists()
-        )
-        for old in complete[: max(0, len(complete) - self.keep)]:
+        removable = [path for path in complete_checkpoints(self.root) if not (path / KEEP_MARKER).exists()]
+        for old in removable[: max(0, len(removable) - self.keep)]:
             if old.name != newest:
                 shutil.rmtree(old, ignore_errors=True)
 

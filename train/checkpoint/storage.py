@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.strategies.async_utils import AsyncRequest
 from megatron.core.dist_checkpointing.validation import StrictHandling
 from megatron.core.distributed import DistributedDataParallel
 from megatron.core.optimizer import MegatronOptimizer
@@ -62,14 +63,22 @@ def _rng_sharded_object(state: dict[str, Any] | None) -> ShardedObject:
     return ShardedObject(RNG_KEY, state, (dist.get_world_size(),), (dist.get_rank(),), replica_id=0)
 
 
-def save_tensors(directory: Path, model_chunks: list[torch.nn.Module], optimizer: MegatronOptimizer | None) -> None:
+def save_tensors(
+    directory: Path,
+    model_chunks: list[torch.nn.Module],
+    optimizer: MegatronOptimizer | None,
+    async_save: bool = False,
+) -> AsyncRequest | None:
     """Write this rank's part of the model, the optimizer state and the RNG streams into ``directory`` (all ranks
-    call it together)."""
+    call it together). With ``async_save`` nothing is written yet: the returned request writes it once scheduled
+    (``mimo.train.checkpoint.background``), and its finalize functions complete the checkpoint on every rank."""
     sharded = _model_sharded_state_dict(model_chunks)
     if optimizer is not None:
         sharded["optimizer"] = optimizer.sharded_state_dict(sharded, is_loading=False, metadata=OPTIMIZER_SHARDING)
     sharded[RNG_KEY] = _rng_sharded_object(_rng_state())
-    dist_checkpointing.save(sharded, str(directory), content_metadata=OPTIMIZER_SHARDING)
+    return dist_checkpointing.save(
+        sharded, str(directory), content_metadata=OPTIMIZER_SHARDING, async_sharded_save=async_save
+    )
 
 
 def load_tensors(

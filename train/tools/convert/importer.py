@@ -24,6 +24,7 @@ from mimo.recipes.schema import MimoConfig
 from mimo.train.build import run_record, start_runtime
 from mimo.train.checkpoint.manager import CheckpointManager, latest_checkpoint
 from mimo.train.config import RUN_CONFIG_FILE
+from mimo.train.fault.run_lock import lock_run_dir
 from mimo.train.records import TrainState
 from mimo.train.tools.convert.hf_files import ConvertError, HFCheckpoint, fp8_block
 
@@ -135,7 +136,9 @@ def import_hf(hf_dir: Path, out_dir: Path, overrides: Sequence[str] = (), config
         cfg.model = imported_model_config(hf_config, cfg.model, hf.weights(), overrides, hf_dir.name)
         dropped = check_tensors(hf, cfg.model)
         runtime = start_runtime(cfg)
+        lock = None
         try:
+            lock = lock_run_dir(out_dir, cfg.fault.lock_stale_minutes, runtime.is_main, runtime.device)
             if dropped:
                 logger.info(
                     "leaving out %d tensors of MTP blocks beyond model.mtp_num_layers=%d",
@@ -147,12 +150,14 @@ def import_hf(hf_dir: Path, out_dir: Path, overrides: Sequence[str] = (), config
             )
             for chunk in chunks:
                 load_chunk(chunk, hf, cfg.model, show_progress=runtime.is_main)
-            checkpoints = CheckpointManager(cfg.checkpoint, cfg.model)
+            checkpoints = CheckpointManager(cfg.checkpoint, cfg.model, runtime.device)
             path = checkpoints.save(TrainState(), chunks, None, run_record(cfg, runtime))
             if runtime.is_main:
                 _write_run_files(cfg, out_dir, config_name)
             return path
         finally:
+            if lock is not None:
+                lock.release()
             shutdown()
 
 
