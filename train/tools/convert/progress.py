@@ -5,7 +5,8 @@ from collections.abc import Iterable, Iterator
 import torch
 from tqdm import tqdm
 
-BYTES_DIVISOR = 1024
+BYTES_DIVISOR = 1000
+"""SI units (kB, MB, GB), as the file sizes the export reports."""
 
 
 class TransferProgress:
