@@ -10,8 +10,10 @@ The files are those a single-rank model's ``state_dict`` gives through ``mimo_to
 
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
+import torch
 from omegaconf import OmegaConf
 
 from mimo.data.config import DataConfig
@@ -77,7 +79,7 @@ def export_hf(
     return files
 
 
-def _read_all(reader: CheckpointReader, sources: list[CheckpointTensor]):
+def _read_all(reader: CheckpointReader, sources: list[CheckpointTensor]) -> Iterator[tuple[str, torch.Tensor]]:
     """(mimo name, full tensor) of every source, one at a time."""
     for source in sources:
         index = () if source.expert is None else (source.expert,)
