@@ -108,6 +108,10 @@ def transformer_config(
         # megatron's default ("full") is its own deprecated spelling of "the whole layer" and warns on every build.
         cuda_graph_scope=[],
         overlap_p2p_comm=parallel_cfg.vpp is not None,
+        # Every layer keeps checkpoint keys of its own (decoder.layers.N.*): GA and SWA layers differ in shape and
+        # dense and MoE layers in tensors, so megatron's stacking of a homogeneous block's layers into one tensor
+        # per name (which its list moe_layer_freq already turns off when a model has MoE layers) cannot hold them.
+        hetereogenous_dist_checkpoint=True,
         use_cpu_initialization=not torch.cuda.is_available(),
         mtp_num_layers=model_cfg.mtp_num_layers or None,
         mtp_loss_scaling_factor=model_cfg.mtp_loss_weight,

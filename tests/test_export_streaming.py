@@ -150,6 +150,14 @@ def test_export_is_byte_identical_to_exporting_the_built_model(run, tmp_path, ma
     assert_same_files(tmp_path / "streamed", tmp_path / "built")
 
 
+def test_an_all_dense_model_checkpoints_and_exports(tmp_path):
+    """Without MoE layers too, every layer has checkpoint keys of its own (GA and SWA layers differ in shape)."""
+    save_initial_checkpoint(tmp_path / "run", ("model.moe_layer_pattern=[0,0,0,0]",))
+    export_hf(tmp_path / "run", tmp_path / "streamed")
+    built_model_export(latest_checkpoint(tmp_path / "run" / "checkpoints"), tmp_path / "built", 5 * 10**9)
+    assert_same_files(tmp_path / "streamed", tmp_path / "built")
+
+
 def test_export_loads_into_transformers_with_the_same_logits_and_the_runs_tokenizer(run, tmp_path):
     export_hf(run, tmp_path / "hf")
     checkpoint = latest_checkpoint(run / "checkpoints")
