@@ -71,7 +71,9 @@ def save_checkpoint(run: Path, overrides: tuple[str, ...]) -> int:
     runtime = start_runtime(cfg)
     try:
         chunks = build_model(cfg.model, cfg.parallel, cfg.precision, seq_length=cfg.train.seq_length, seed=cfg.run.seed)
-        CheckpointManager(cfg.checkpoint, cfg.model).save(TrainState(), chunks, None, run_record(cfg, runtime))
+        CheckpointManager(cfg.checkpoint, cfg.model, runtime.device).save(
+            TrainState(), chunks, None, run_record(cfg, runtime)
+        )
         (run / RUN_CONFIG_FILE).write_text(to_yaml(cfg))
     finally:
         shutdown()

@@ -54,7 +54,9 @@ def save_initial_checkpoint(run: Path, overrides: tuple[str, ...] = ()) -> None:
     runtime = start_runtime(cfg)
     try:
         chunks = build_model(cfg.model, cfg.parallel, cfg.precision, seq_length=cfg.train.seq_length, seed=cfg.run.seed)
-        CheckpointManager(cfg.checkpoint, cfg.model).save(TrainState(), chunks, None, run_record(cfg, runtime))
+        CheckpointManager(cfg.checkpoint, cfg.model, runtime.device).save(
+            TrainState(), chunks, None, run_record(cfg, runtime)
+        )
         if runtime.is_main:
             (run / RUN_CONFIG_FILE).write_text(to_yaml(cfg))
     finally:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from megatron.core.transformer.moe.router import TopKRouter
 from transformers import MiMoV2FlashConfig
 
 from mimo.model.builder import build_model
@@ -25,6 +26,7 @@ from mimo.parallel.runtime import initialize, shutdown
 from mimo.recipes import load_config
 from mimo.train.checkpoint import CheckpointError
 from mimo.train.checkpoint.manager import check_model_compatible, latest_checkpoint, read_meta
+from mimo.train.expert_load import ExpertLoad
 from mimo.train.records import CheckpointMeta, TrainState
 from mimo.train.tools.convert.importer import import_hf
 from mimo.train.tools.evaluate import evaluate
@@ -135,6 +137,21 @@ def test_the_planner_places_experts_where_the_pattern_puts_them():
     assert [stage_params(model, layout, rank).experts for rank in range(2)] == [0, 2 * per_moe_layer]
     stages = estimate_memory(cfg, world_size=2, layout=layout).stages
     assert stages[0].moe_dispatch == 0 < stages[1].moe_dispatch
+
+
+def test_expert_load_counts_the_moe_layers_wherever_they_lie():
+    cfg = ModelConfig(moe_layer_pattern=[1, 0, 0, 1]).validate()
+    initialize(ParallelConfig(), cfg, seed=0, global_batch_size=1, micro_batch_size=1, seq_length=1)
+    try:
+        model = build_model(cfg, ParallelConfig(), PrecisionConfig(), seq_length=IMPORT_SEQ, seed=0)[0]
+        load = ExpertLoad([model], cfg, torch.device("cpu"))
+        routers = sorted((m for m in model.modules() if isinstance(m, TopKRouter)), key=lambda r: r.layer_number)
+        assert [router.layer_number - 1 for router in routers] == [0, 3]
+        model(_parity_ids(), None, None)  # gradients enabled, as in a training forward: counted
+        megatron = torch.stack([router.local_tokens_per_expert for router in routers]).double()
+        assert torch.equal(load.counts, megatron) and megatron.sum() > 0
+    finally:
+        shutdown()
 
 
 @pytest.fixture(scope="module")
