@@ -14,11 +14,23 @@ from mimo.data.errors import DataError
 from mimo.data.train_tokenizer import SHIPPED_TOKENIZER_DIR
 
 TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 
 
 def tokenizer_dir(cfg: DataConfig) -> Path:
     """The Hugging Face tokenizer directory a config names (the shipped one when it names none)."""
     return Path(cfg.tokenizer) if cfg.tokenizer else SHIPPED_TOKENIZER_DIR
+
+
+def has_tokenizer(directory: Path) -> bool:
+    """Whether a directory holds a Hugging Face tokenizer (a model directory often does)."""
+    return any((Path(directory) / name).is_file() for name in (TOKENIZER_FILE, TOKENIZER_CONFIG_FILE))
+
+
+def save_tokenizer(cfg: DataConfig, directory: Path) -> list[Path]:
+    """Write the tokenizer a config names (the shipped one when it names none) into ``directory`` as
+    ``save_pretrained`` writes it: the tokenizer's files only, whatever else its own directory holds."""
+    return [Path(path) for path in load_hf_tokenizer(tokenizer_dir(cfg)).save_pretrained(str(directory))]
 
 
 def load_hf_tokenizer(path: Path) -> PreTrainedTokenizerBase:

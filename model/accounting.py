@@ -128,11 +128,12 @@ def parameter_counts(cfg: ModelConfig) -> ParameterCounts:
     hidden = cfg.hidden_size
     expert = mlp_parameters(hidden, cfg.moe_ffn_hidden_size)
     moe_layers = cfg.num_moe_layers
+    dense_layers = cfg.num_layers - moe_layers
     return ParameterCounts(
         embedding=cfg.vocab_size * hidden,
         output_layer=cfg.vocab_size * hidden,
         attention=sum(attention_parameters(cfg, kind) for kind in cfg.layer_types()),
-        dense_mlp=cfg.num_dense_layers * mlp_parameters(hidden, cfg.ffn_hidden_size),
+        dense_mlp=dense_layers * mlp_parameters(hidden, cfg.ffn_hidden_size),
         experts=moe_layers * cfg.num_experts * expert,
         routers=moe_layers * cfg.num_experts * hidden,
         norms=(2 * cfg.num_layers + 1) * hidden,
@@ -162,6 +163,7 @@ def flops_per_token(cfg: ModelConfig, seq_length: int) -> FlopsPerToken:
     if seq_length < 1:
         raise ValueError(f"seq_length={seq_length} must be at least 1")
     hidden = cfg.hidden_size
+    dense_layers = cfg.num_layers - cfg.num_moe_layers
     per_layer = [_attention_flops(cfg, kind, seq_length) for kind in cfg.layer_types()]
     lm_head = FLOPS_PER_MAC * hidden * cfg.vocab_size
     mtp_projection, mtp_scores = _attention_flops(cfg, AttentionType.SLIDING, seq_length)
@@ -174,7 +176,7 @@ def flops_per_token(cfg: ModelConfig, seq_length: int) -> FlopsPerToken:
     return FlopsPerToken(
         attention_projections=sum(projection for projection, _ in per_layer),
         attention_scores=sum(scores for _, scores in per_layer),
-        dense_mlp=FLOPS_PER_MAC * cfg.num_dense_layers * mlp_parameters(hidden, cfg.ffn_hidden_size),
+        dense_mlp=FLOPS_PER_MAC * dense_layers * mlp_parameters(hidden, cfg.ffn_hidden_size),
         experts=FLOPS_PER_MAC
         * cfg.num_moe_layers
         * cfg.moe_router_topk

@@ -63,7 +63,7 @@ def transformer_config(
             moe_router_dtype=ROUTER_DTYPE,
             moe_token_dispatcher_type=model_cfg.moe_token_dispatcher,
             moe_grouped_gemm=model_cfg.moe_grouped_gemm,
-            moe_layer_freq=[0] * model_cfg.num_dense_layers + [1] * model_cfg.num_moe_layers,
+            moe_layer_freq=model_cfg.moe_pattern(),
         )
         if moe
         else {}
@@ -108,6 +108,10 @@ def transformer_config(
         # megatron's default ("full") is its own deprecated spelling of "the whole layer" and warns on every build.
         cuda_graph_scope=[],
         overlap_p2p_comm=parallel_cfg.vpp is not None,
+        # Every layer keeps checkpoint keys of its own (decoder.layers.N.*): GA and SWA layers differ in shape and
+        # dense and MoE layers in tensors, so megatron's stacking of a homogeneous block's layers into one tensor
+        # per name (which its list moe_layer_freq already turns off when a model has MoE layers) cannot hold them.
+        hetereogenous_dist_checkpoint=True,
         use_cpu_initialization=not torch.cuda.is_available(),
         mtp_num_layers=model_cfg.mtp_num_layers or None,
         mtp_loss_scaling_factor=model_cfg.mtp_loss_weight,
@@ -140,13 +144,16 @@ def build_model(
     seq_length: int,
     use_te: bool | None = None,
     seed: int | None = None,
+    random_init: bool = True,
 ) -> list[GPTModel]:
     """This rank's model chunks, one per virtual pipeline stage (a list of one without interleaving).
 
     megatron's parallel state must already be initialised with the layout of ``parallel_cfg``
     (``mimo.parallel.runtime.initialize``). All chunks share one TransformerConfig (``chunks[0].config``).
     With a ``seed`` the initial weights are a function of it alone, the same under every parallel layout
-    (``mimo.model.init``); without one they are megatron's draw from this process's random state.
+    (``mimo.model.init``); without one they are megatron's draw from this process's random state. With
+    ``random_init=False`` nothing is drawn (megatron's ``perform_initialization=False``, ``seed`` unused): the
+    weights are left uninitialised for a caller that loads every tensor next (conversion).
     """
     if seq_length > model_cfg.max_position_embeddings:
         raise ModelConfigError(
@@ -159,6 +166,7 @@ def build_model(
     _check_parallel_state(parallel_cfg)
     _reset_loss_trackers()
     config = transformer_config(model_cfg, parallel_cfg, precision, plan)
+    config.perform_initialization = random_init
     stages = range(parallel_cfg.vpp) if parallel_cfg.vpp else [None]
     chunks = [
         MimoGPTModel(
@@ -176,7 +184,7 @@ def build_model(
         for vp_stage in stages
     ]
     _mark_expert_parameters(chunks)
-    if seed is not None:
+    if seed is not None and random_init:
         initialize_weights(chunks, seed)
     return chunks
 

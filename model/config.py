@@ -4,8 +4,10 @@ The dataclasses stay plain (Hydra builds them from YAML); ``validate()`` is call
 bad recipe fails before any process group or weight exists, with a message naming the key and the fix.
 """
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
+from typing import Any
 
 from mimo.recipes.errors import MimoError
 
@@ -60,9 +62,13 @@ class ModelConfig:
     add_full_attention_sink_bias: bool = False
     attention_value_scale: float = 0.707
     num_dense_layers: int = 1
-    """The first layers use a dense SwiGLU FFN; all later ones are MoE."""
+    """Shorthand for the released model's FFN pattern: the first num_dense_layers layers use a dense SwiGLU FFN,
+    all later ones are MoE. Used only while moe_layer_pattern is null."""
+    moe_layer_pattern: list[int] | None = None
+    """Per layer 1 = MoE FFN, 0 = dense FFN, for dense layers anywhere (the Hub's ``moe_layer_freq``, megatron's
+    list ``moe_layer_freq``). null: the num_dense_layers shorthand. When given, it alone decides."""
     ffn_hidden_size: int = 128
-    """Width of the dense FFN (layer 0 and MTP blocks)."""
+    """Width of the dense FFN (the dense layers and the MTP blocks)."""
     num_experts: int = 8
     moe_ffn_hidden_size: int = 32
     moe_router_topk: int = 2
@@ -158,6 +164,15 @@ class ModelConfig:
             0 <= self.num_dense_layers <= self.num_layers,
             f"model.num_dense_layers={self.num_dense_layers} must be between 0 and model.num_layers={self.num_layers}",
         )
+        moe = self.moe_layer_pattern
+        if moe is not None:
+            _require(
+                len(moe) == self.num_layers,
+                f"model.moe_layer_pattern has {len(moe)} entries but model.num_layers={self.num_layers}; give one"
+                " entry (0 = dense FFN, 1 = MoE) per layer, or null for the num_dense_layers shorthand",
+            )
+            bad = sorted({value for value in moe if value not in (0, 1)})
+            _require(not bad, f"model.moe_layer_pattern contains {bad}; entries must be 0 (dense FFN) or 1 (MoE)")
 
     def _validate_moe(self) -> None:
         _require(
@@ -168,8 +183,8 @@ class ModelConfig:
             return
         _require(
             self.num_experts >= 1,
-            f"model.num_experts={self.num_experts} but layers {self.num_dense_layers}..{self.num_layers - 1} are"
-            " MoE; give at least one expert or set model.num_dense_layers = model.num_layers",
+            f"model.num_experts={self.num_experts} but layers {self.moe_layers()} are MoE; give at least one expert"
+            " or make every layer dense (model.num_dense_layers = model.num_layers, model.moe_layer_pattern=null)",
         )
         _require(
             1 <= self.moe_router_topk <= self.num_experts,
@@ -184,7 +199,17 @@ class ModelConfig:
 
     @property
     def num_moe_layers(self) -> int:
-        return self.num_layers - self.num_dense_layers
+        return sum(self.moe_pattern())
+
+    def moe_pattern(self) -> list[int]:
+        """The FFN of every layer (1 = MoE, 0 = dense): moe_layer_pattern, or the num_dense_layers shorthand."""
+        if self.moe_layer_pattern is not None:
+            return list(self.moe_layer_pattern)
+        return [0] * self.num_dense_layers + [1] * (self.num_layers - self.num_dense_layers)
+
+    def moe_layers(self) -> list[int]:
+        """Indices of the MoE layers."""
+        return [layer for layer, moe in enumerate(self.moe_pattern()) if moe]
 
     def layer_pattern(self) -> list[int]:
         """The hybrid pattern per layer (0 = GA, 1 = SWA), with the released model's rule when none is given."""
@@ -200,7 +225,7 @@ class ModelConfig:
         """Whether decoder layer ``layer`` (0-based) has a routed-expert FFN instead of the dense one."""
         if not 0 <= layer < self.num_layers:
             raise IndexError(f"layer {layer} is outside 0..{self.num_layers - 1}")
-        return layer >= self.num_dense_layers
+        return bool(self.moe_pattern()[layer])
 
     def num_kv_heads(self, kind: AttentionType) -> int:
         return self.swa_num_key_value_heads if kind is AttentionType.SLIDING else self.num_key_value_heads
@@ -243,6 +268,15 @@ class PrecisionConfig:
                 f" got {self.dtype}",
             )
         return self
+
+
+def moe_pattern_fields(pattern: Sequence[int]) -> dict[str, Any]:
+    """The ModelConfig fields that spell a per-layer FFN pattern (1 = MoE) the way recipes write it: the
+    num_dense_layers shorthand when the dense layers all come first, the explicit list otherwise."""
+    pattern = [int(value) for value in pattern]
+    leading = pattern.index(1) if 1 in pattern else len(pattern)
+    shorthand = pattern == [0] * leading + [1] * (len(pattern) - leading)
+    return {"num_dense_layers": leading, "moe_layer_pattern": None if shorthand else pattern}
 
 
 def _require(condition: bool, message: str) -> None:

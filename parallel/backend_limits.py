@@ -25,19 +25,30 @@ def check_backend_support(layout: ResolvedLayout, model: ModelConfig, *, backend
             " different numbers of routed tokens from each other, and the gloo backend (CPU) can only all-gather"
             " equal sizes. On CPU use parallel.etp=1 (or parallel.ep=1); NCCL runs this layout"
         )
-    if backend == GLOO and model.moe_token_dispatcher == FLEX_DISPATCHER and model.num_layers > model.num_dense_layers:
+    if backend == GLOO and model.moe_token_dispatcher == FLEX_DISPATCHER and model.num_moe_layers:
         raise LayoutError(
             "model.moe_token_dispatcher=flex is megatron-core's DeepEP/HybridEP dispatcher, which runs on GPUs only;"
             " on CPU (gloo) use model.moe_token_dispatcher=alltoall or allgather"
         )
-    if not fused_adam and model.num_layers > model.num_dense_layers:
-        for stage in range(layout.pp):
-            layers = layout.rank_layers(stage)
-            if all(layer < model.num_dense_layers for layer in layers):
-                raise LayoutError(
-                    f"pipeline stage {stage} holds only dense layers {layers} (model.num_dense_layers="
-                    f"{model.num_dense_layers}) and so no expert parameters; without Transformer Engine or Apex,"
-                    " megatron-core 0.16.1 cannot checkpoint the empty expert optimizer such a stage has. Give"
-                    f" every stage a MoE layer: at least {model.num_dense_layers + 1} layers on the first stage"
-                    " (parallel.pipeline_first_stage_layers), or fewer pipeline stages"
-                )
+    if not fused_adam and model.num_moe_layers:
+        _check_every_stage_has_experts(layout, model)
+
+
+def _check_every_stage_has_experts(layout: ResolvedLayout, model: ModelConfig) -> None:
+    """Each pipeline rank's layers (all its virtual stages) must include a MoE layer; the dense and MoE layers may
+    lie anywhere, so every rank's actual layers are looked at."""
+    moe_layers = model.moe_layers()
+    for stage in range(layout.pp):
+        layers = layout.rank_layers(stage)
+        if any(model.is_moe(layer) for layer in layers):
+            continue
+        if stage == 0 and layout.vpp is None:
+            fix = f"at least {moe_layers[0] + 1} layers on the first stage (parallel.pipeline_first_stage_layers)"
+        else:
+            fix = "another split (parallel.pipeline_first_stage_layers / pipeline_last_stage_layers, parallel.vpp)"
+        raise LayoutError(
+            f"pipeline stage {stage} holds only dense layers {layers} (the MoE layers are {moe_layers}) and so no"
+            " expert parameters; without Transformer Engine or Apex, megatron-core 0.16.1 cannot checkpoint the"
+            f" empty expert optimizer such a stage has. Give every stage a MoE layer: {fix}, or fewer pipeline"
+            " stages"
+        )

@@ -94,7 +94,7 @@ def validate_layout(
 
 
 def _has_moe(model: ModelConfig) -> bool:
-    return bool(model.num_experts) and model.num_layers > model.num_dense_layers
+    return bool(model.num_experts) and model.num_moe_layers > 0
 
 
 def _check_degrees(parallel: ParallelConfig, world_size: int) -> None:
@@ -143,8 +143,8 @@ def _check_experts(parallel: ParallelConfig, model: ModelConfig, world_size: int
         if parallel.ep > 1 or parallel.etp > 1:
             raise LayoutError(
                 f"parallel.ep={parallel.ep}, parallel.etp={parallel.etp} but the model has no MoE layers"
-                f" (num_experts={model.num_experts}, num_layers={model.num_layers},"
-                f" num_dense_layers={model.num_dense_layers}); set parallel.ep=1 and parallel.etp=1"
+                f" (num_experts={model.num_experts}, per-layer FFN {model.moe_pattern()} with 1 = MoE); set"
+                " parallel.ep=1 and parallel.etp=1"
             )
         return world_size // parallel.pp
     if model.num_experts % parallel.ep:

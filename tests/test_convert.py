@@ -89,7 +89,8 @@ def test_import_writes_a_run_and_exporting_it_gives_back_the_same_tensors(hub, i
     assert (imported / "recipes" / "model" / "imported.yaml").exists()
 
     files = export_hf(imported, tmp_path / "hf")
-    assert {path.name for path in files} == {"model.safetensors", "config.json"}
+    tokenizer = {"tokenizer.json", "tokenizer_config.json"}  # the run's (shipped) tokenizer
+    assert {path.name for path in files} == {"model.safetensors", "config.json", *tokenizer}
     assert_same_tensors(read_hf_dir(tmp_path / "hf"), hub.tensors)
     exported_config = MiMoV2FlashConfig.from_pretrained(tmp_path / "hf")
     for key in ("layer_types", "mlp_layer_types", "rope_parameters", "sliding_window", "n_routed_experts", "head_dim"):

@@ -11,17 +11,15 @@ import math
 import os
 import subprocess
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import pytest
-import torch
-import torch.nn.functional as F
 
 from mimo.data import build_tokenizer
 from mimo.data.config import DataConfig
 from mimo.train.tools.evaluate import evaluate, main
 
-from tiny_hub import IMPORT_OVERRIDES, IMPORT_SEQ
+from tiny_hub import IMPORT_OVERRIDES, IMPORT_SEQ, transformers_eval
 
 SEQ = IMPORT_SEQ
 EVAL = IMPORT_OVERRIDES
@@ -32,38 +30,6 @@ TEXT = (
     " to stretch their capabilities, as opposed to most users, who prefer to learn only the minimum necessary."
     " Kludge: a clever programming trick intended to solve a particular nasty case in an expedient way."
 )
-
-
-@dataclass
-class Reference:
-    loss: float
-    tokens: int
-    mtp_loss: float
-    mtp_tokens: int
-    acceptance: float
-
-
-def reference(hub, stream, seq_length: int) -> Reference:
-    """Per-sequence transformers forward passes over the same cut: sequence i is stream[i*S : i*S + S + 1]."""
-    sums = torch.zeros(5, dtype=torch.float64)
-    for start in range(0, len(stream) - 1, seq_length):
-        window = torch.tensor(stream[start : start + seq_length + 1])
-        ids, labels = window[:-1].unsqueeze(0), window[1:]
-        logits = hub.logits(ids)[0]
-        sums[0] += F.cross_entropy(logits, labels, reduction="sum").double()
-        sums[1] += len(labels)
-        if len(labels) > 1:
-            mtp = hub.mtp_logits(ids)[0]
-            sums[2] += F.cross_entropy(mtp, labels[1:], reduction="sum").double()
-            sums[3] += len(labels) - 1
-            sums[4] += (mtp.argmax(-1) == logits[1:].argmax(-1)).sum()
-    return Reference(
-        loss=(sums[0] / sums[1]).item(),
-        tokens=int(sums[1]),
-        mtp_loss=(sums[2] / sums[3]).item(),
-        mtp_tokens=int(sums[3]),
-        acceptance=(sums[4] / sums[3]).item(),
-    )
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +51,7 @@ def single_rank_result(imported, text_file):
 
 def test_loss_mtp_loss_and_acceptance_match_transformers(hub, tokenizer, single_rank_result):
     stream = tokenizer.encode(TEXT) + [tokenizer.eod]
-    expected = reference(hub, stream, SEQ)
+    expected = transformers_eval(hub, stream, SEQ)
     result = single_rank_result
     assert len(stream) - 1 > 3 * SEQ and (len(stream) - 1) % SEQ, (
         "the text should fill several sequences, the last partly"

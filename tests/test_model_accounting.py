@@ -66,6 +66,7 @@ def test_mean_visible_keys_counts_the_attention_mask(window):
 TINY_VARIANTS = {
     "tiny_recipe": {},
     "ga_sinks_all_moe_no_mtp": dict(add_full_attention_sink_bias=True, num_dense_layers=0, mtp_num_layers=0),
+    "moe_first_and_last": dict(moe_layer_pattern=[1, 0, 0, 1]),
     "dense_only_no_sinks_two_mtp": dict(
         num_dense_layers=4, add_swa_attention_sink_bias=False, mtp_num_layers=2, hybrid_layer_pattern=None
     ),

@@ -5,7 +5,9 @@ partial RoPE with two bases, a dense layer then MoE layers with a nonzero expert
 sequences longer than the window. Its weights go through ``save_pretrained`` so the mapping reads real Hub names.
 
 The sharded test runs the same comparison on two gloo ranks with tensor parallelism 2 (with sequence parallelism)
-and expert parallelism 2, each rank loading only its slice of the Hub tensors.
+and expert parallelism 2, each rank loading only its slice of the Hub tensors, for a model whose dense and MoE
+layers interleave (``tiny_hub.HF_INTERLEAVED``; dense-first models run under TP2xEP2 in test_convert and
+test_evaluate).
 """
 
 import pytest
@@ -21,37 +23,47 @@ from mimo.model.hf.mapping import ShardLayout, hf_to_mimo, mimo_to_hf
 from mimo.parallel.config import ParallelConfig
 from mimo.parallel.runtime import initialize, shutdown
 
-import tiny_hub
 from multirank import spawn_ranks
-from tiny_hub import FULL, SLIDING, make_mtp_block, randomize_sinks_and_expert_biases
+from tiny_hub import HF_INTERLEAVED, make_mtp_block, randomize_sinks_and_expert_biases
 
 SEQ = 40
 BATCH = 2
 TOLERANCE = 1e-4
-HF_TINY = {
-    **tiny_hub.HF_TINY,  # tiny_hub's model with its own vocabulary, a fourth (global, MoE) layer and 8 experts
-    "vocab_size": 256,
-    "num_hidden_layers": 4,
-    "n_routed_experts": 8,
-    "layer_types": [FULL, SLIDING, SLIDING, FULL],
-    "mlp_layer_types": ["dense", "sparse", "sparse", "sparse"],
-}
+HF_TINY = {**HF_INTERLEAVED, "mlp_layer_types": ["dense", "sparse", "sparse", "sparse"]}
+"""tiny_hub's interleaved model with the released pattern: one dense layer, then MoE layers."""
 
 
-@pytest.fixture(scope="module")
-def hf_model():
+def random_hf_model(hf_config: dict) -> MiMoV2FlashForCausalLM:
     torch.manual_seed(0)
-    model = MiMoV2FlashForCausalLM(MiMoV2FlashConfig(**HF_TINY)).eval()
+    model = MiMoV2FlashForCausalLM(MiMoV2FlashConfig(**hf_config)).eval()
     randomize_sinks_and_expert_biases(model.model.layers)
     return model
 
 
+def saved_tensors(model: MiMoV2FlashForCausalLM, directory) -> dict[str, torch.Tensor]:
+    """The reference weights in Hub naming, as ``save_pretrained`` writes them."""
+    model.save_pretrained(directory)
+    return load_file(str(directory / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def hf_model():
+    return random_hf_model(HF_TINY)
+
+
 @pytest.fixture(scope="module")
 def hub_tensors(hf_model, tmp_path_factory):
-    """The reference weights in Hub naming, as ``save_pretrained`` writes them."""
-    directory = tmp_path_factory.mktemp("hf")
-    hf_model.save_pretrained(directory)
-    return load_file(str(directory / "model.safetensors"))
+    return saved_tensors(hf_model, tmp_path_factory.mktemp("hf"))
+
+
+@pytest.fixture(scope="module")
+def interleaved_model():
+    return random_hf_model(HF_INTERLEAVED)
+
+
+@pytest.fixture(scope="module")
+def interleaved_tensors(interleaved_model, tmp_path_factory):
+    return saved_tensors(interleaved_model, tmp_path_factory.mktemp("hf_interleaved"))
 
 
 def mimo_from_hub(cfg: ModelConfig, tensors) -> torch.nn.Module:
@@ -81,6 +93,15 @@ def test_logits_match_transformers(single_rank, hf_model, hub_tensors):
         expected_packed = hf_model(ids, position_ids=positions, attention_mask=torch.ones(BATCH, SEQ)).logits
         assert (expected_packed - expected).abs().max().item() > 1e-2
         assert (model(ids, positions, None) - expected_packed).abs().max().item() <= TOLERANCE
+
+
+def test_interleaved_dense_and_moe_layers_match_transformers(single_rank, interleaved_model, interleaved_tensors):
+    cfg = hf_config_to_mimo(interleaved_model.config, base=ModelConfig(mtp_num_layers=0))
+    assert cfg.moe_pattern() == [0, 1, 1, 0] and cfg.moe_layer_pattern == [0, 1, 1, 0]
+    model = mimo_from_hub(cfg, interleaved_tensors)
+    ids = parity_ids(cfg.vocab_size)
+    with torch.no_grad():
+        assert (model(ids, None, None) - interleaved_model(ids).logits).abs().max().item() <= TOLERANCE
 
 
 def test_mtp_block_matches_reference_built_from_transformers_modules(single_rank, hf_model, hub_tensors):
@@ -128,7 +149,7 @@ SHARDED_RANKS = 2
 
 def _sharded_rank(rank: int, ports: list[int], hub_path: str, out_dir: str) -> None:
     """One rank of the TP=2/EP=2 run: build, load this rank's slice, forward, save gathered logits."""
-    cfg = hf_config_to_mimo(MiMoV2FlashConfig(**HF_TINY), base=ModelConfig(mtp_num_layers=0))
+    cfg = hf_config_to_mimo(MiMoV2FlashConfig(**HF_INTERLEAVED), base=ModelConfig(mtp_num_layers=0))
     initialize(SHARDED, cfg, seed=3, global_batch_size=BATCH, micro_batch_size=BATCH, seq_length=SEQ)
     try:
         model = build_model(cfg, SHARDED, PrecisionConfig(), seq_length=SEQ)[0].eval()
@@ -151,15 +172,16 @@ def _sharded_rank(rank: int, ports: list[int], hub_path: str, out_dir: str) -> N
 
 @pytest.mark.system
 def test_tp2_ep2_logits_match_transformers_and_checkpoint_reshards_to_one_rank(
-    single_rank, hf_model, hub_tensors, tmp_path
+    single_rank, interleaved_model, interleaved_tensors, tmp_path
 ):
+    hf_model = interleaved_model
     hub_path = str(tmp_path / "hub.safetensors")
-    save_file(dict(hub_tensors), hub_path)
+    save_file(dict(interleaved_tensors), hub_path)
     (tmp_path / "checkpoint").mkdir()
     spawn_ranks(_sharded_rank, SHARDED_RANKS, hub_path, str(tmp_path))
     with torch.no_grad():
-        expected = hf_model(parity_ids(HF_TINY["vocab_size"])).logits
-    heads = HF_TINY["num_attention_heads"]
+        expected = hf_model(parity_ids(HF_INTERLEAVED["vocab_size"])).logits
+    heads = HF_INTERLEAVED["num_attention_heads"]
     for rank in range(SHARDED_RANKS):
         result = torch.load(tmp_path / f"rank{rank}.pt")
         assert (result["logits"] - expected).abs().max().item() <= TOLERANCE

@@ -1,4 +1,5 @@
-"""A random tiny MiMo-V2-Flash in Hub format, and transformers' computation of its main and MTP predictions.
+"""A random tiny MiMo-V2-Flash in Hub format, and transformers' computation of its main and MTP predictions and of
+the figures mimo-eval reports on it.
 
 The main model is transformers' ``MiMoV2FlashForCausalLM`` written by ``save_pretrained`` (sharded, with an
 index). transformers has no MTP module, so MTP block 0 is assembled from transformers' own modules (RMSNorms, a
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from transformers import MiMoV2FlashConfig, MiMoV2FlashForCausalLM, MiMoV2FlashModel
 from transformers.models.mimo_v2_flash.modeling_mimo_v2_flash import MiMoV2FlashRMSNorm
@@ -42,6 +44,15 @@ HF_TINY = dict(
     attention_value_scale=0.707,
     max_position_embeddings=512,
 )
+HF_INTERLEAVED = {
+    **HF_TINY,  # four layers, a dense layer after MoE layers, 8 experts (ep 2 x 4), a vocabulary of its own
+    "vocab_size": 256,
+    "num_hidden_layers": 4,
+    "n_routed_experts": 8,
+    "layer_types": [FULL, SLIDING, SLIDING, FULL],
+    "mlp_layer_types": ["dense", "sparse", "sparse", "dense"],
+}
+"""A dense/MoE pattern mimo once refused: each half (pipeline stage of pp 2) holds a dense and a MoE layer."""
 DOMINANT_NORM_WEIGHT = 300.0
 SHARD_SIZE = "150KB"
 MTP_SHARD = "model-mtp.safetensors"
@@ -147,10 +158,10 @@ class TinyHub:
         return self.mtp.logits(self.model, ids)
 
 
-def make_tiny_hub(directory: Path, seed: int = 0) -> TinyHub:
+def make_tiny_hub(directory: Path, seed: int = 0, hf_config: dict = HF_TINY) -> TinyHub:
     torch.manual_seed(seed)
-    model = MiMoV2FlashForCausalLM(MiMoV2FlashConfig(**HF_TINY)).eval()
-    block = make_mtp_block(HF_TINY)
+    model = MiMoV2FlashForCausalLM(MiMoV2FlashConfig(**hf_config)).eval()
+    block = make_mtp_block(hf_config)
     randomize_sinks_and_expert_biases(model.model.layers)
     with torch.no_grad():
         model.model.norm.weight[0] = DOMINANT_NORM_WEIGHT
@@ -168,3 +179,36 @@ def make_tiny_hub(directory: Path, seed: int = 0) -> TinyHub:
     index["weight_map"].update({name: MTP_SHARD for name in mtp})
     (directory / INDEX).write_text(json.dumps(index))
     return TinyHub(directory, model, block, {**tensors, **mtp})
+
+
+@dataclass
+class EvalReference:
+    loss: float
+    tokens: int
+    mtp_loss: float
+    mtp_tokens: int
+    acceptance: float
+
+
+def transformers_eval(hub: TinyHub, stream, seq_length: int) -> EvalReference:
+    """What mimo-eval should report, from per-sequence transformers forward passes over the same cut: sequence i
+    is stream[i*S : i*S + S + 1]."""
+    sums = torch.zeros(5, dtype=torch.float64)
+    for start in range(0, len(stream) - 1, seq_length):
+        window = torch.tensor(stream[start : start + seq_length + 1])
+        ids, labels = window[:-1].unsqueeze(0), window[1:]
+        logits = hub.logits(ids)[0]
+        sums[0] += F.cross_entropy(logits, labels, reduction="sum").double()
+        sums[1] += len(labels)
+        if len(labels) > 1:
+            mtp = hub.mtp_logits(ids)[0]
+            sums[2] += F.cross_entropy(mtp, labels[1:], reduction="sum").double()
+            sums[3] += len(labels) - 1
+            sums[4] += (mtp.argmax(-1) == logits[1:].argmax(-1)).sum()
+    return EvalReference(
+        loss=(sums[0] / sums[1]).item(),
+        tokens=int(sums[1]),
+        mtp_loss=(sums[2] / sums[3]).item(),
+        mtp_tokens=int(sums[3]),
+        acceptance=(sums[4] / sums[3]).item(),
+    )

@@ -48,9 +48,9 @@ class ExpertLoad:
     """Counts the routing of this rank's MoE layers between two ``take`` calls; ``take`` reduces over all ranks."""
 
     def __init__(self, chunks: Sequence[torch.nn.Module], model: ModelConfig, device: torch.device) -> None:
-        self.first_moe_layer = model.num_dense_layers
+        self.moe_layers = model.moe_layers()
         # On the device the routing runs on: counting never waits for it.
-        self.counts = torch.zeros(model.num_moe_layers, model.num_experts, dtype=torch.float64, device=device)
+        self.counts = torch.zeros(len(self.moe_layers), model.num_experts, dtype=torch.float64, device=device)
         self.routers: dict[int, TopKRouter] = {}
         for chunk in chunks:
             for module in chunk.modules():
@@ -59,11 +59,14 @@ class ExpertLoad:
                     module.register_forward_hook(self._count)
 
     def _index(self, router: TopKRouter) -> int:
-        """Position among the model's MoE layers; megatron's layer numbers are global and start at 1."""
-        index = router.layer_number - 1 - self.first_moe_layer
-        if not 0 <= index < len(self.counts):
-            raise RuntimeError(f"a router at layer number {router.layer_number} lies outside the model's MoE layers")
-        return index
+        """Position among the model's MoE layers (which may lie anywhere); megatron's layer numbers are global and
+        start at 1."""
+        layer = router.layer_number - 1
+        if layer not in self.moe_layers:
+            raise RuntimeError(
+                f"a router at layer number {router.layer_number} is not in a MoE layer {self.moe_layers}"
+            )
+        return self.moe_layers.index(layer)
 
     def _count(self, router: TopKRouter, inputs: tuple, output: tuple[torch.Tensor, torch.Tensor]) -> None:
         if torch.is_grad_enabled():

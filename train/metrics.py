@@ -44,12 +44,13 @@ CONSOLE_FIELDS = (
 
 class MetricsWriter:
     def __init__(
-        self, run_dir: str, cfg: LoggingConfig, run_config: dict[str, Any], enabled: bool, first_moe_layer: int = 0
+        self, run_dir: str, cfg: LoggingConfig, run_config: dict[str, Any], enabled: bool, moe_layers: Sequence[int]
     ):
+        """``moe_layers``: the decoder layers of the MoE layers, which name the per-layer series."""
         if cfg.wandb not in WANDB_MODES:
             raise ConfigError(f"logging.wandb={cfg.wandb!r}; choose one of {', '.join(WANDB_MODES)}")
         self.enabled = enabled
-        self.first_moe_layer = first_moe_layer
+        self.moe_layers = list(moe_layers)
         self._wandb = None
         self._jsonl = None
         if not enabled:
@@ -90,11 +91,11 @@ class MetricsWriter:
         flat = {key: value for key, value in values.items() if key not in PER_LAYER and key != TOKENS_PER_EXPERT}
         for key, name in PER_LAYER.items():
             for index, value in enumerate(values.get(key, [])):
-                flat[f"moe/{name}/layer_{self.first_moe_layer + index}"] = value
+                flat[f"moe/{name}/layer_{self.moe_layers[index]}"] = value
         for index, counts in enumerate(values.get(TOKENS_PER_EXPERT, [])):
             mean = sum(counts) / len(counts) or 1
             relative = [count / mean for count in counts]
-            flat[f"moe/relative_load/layer_{self.first_moe_layer + index}"] = wandb.Histogram(relative)
+            flat[f"moe/relative_load/layer_{self.moe_layers[index]}"] = wandb.Histogram(relative)
         return flat
 
     def close(self) -> None:

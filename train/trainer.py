@@ -189,7 +189,7 @@ class Trainer:
         self.state, self.resumed_from, losses = self._resume()
         self._build_data()
         self.writer = MetricsWriter(
-            cfg.run.dir, cfg.logging, to_container(cfg), runtime.is_main, first_moe_layer=cfg.model.num_dense_layers
+            cfg.run.dir, cfg.logging, to_container(cfg), runtime.is_main, moe_layers=cfg.model.moe_layers()
         )
         self.progress = StepProgress(runtime.is_main, cfg.logging.progress_seconds)
         self._setup_observers()

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from mimo.model.config import AttentionType, ModelConfig
+from mimo.model.config import AttentionType, ModelConfig, moe_pattern_fields
 from mimo.model.hf.mapping import HFMappingError
 
 CONFIG_FILE = "config.json"
@@ -153,9 +153,8 @@ def hf_config_to_mimo(hf_config: Mapping[str, Any] | Any, base: ModelConfig | No
 
         hf_config = MiMoV2FlashConfig(**hf_config)
     mlp_types = list(hf_config.mlp_layer_types)
-    num_dense = next((i for i, kind in enumerate(mlp_types) if kind == HF_SPARSE), len(mlp_types))
-    if any(kind != HF_SPARSE for kind in mlp_types[num_dense:]):
-        raise HFMappingError(f"mlp_layer_types={mlp_types}: mimo needs all dense layers first, then only MoE layers")
+    if set(mlp_types) - {HF_DENSE, HF_SPARSE}:
+        raise HFMappingError(f"mlp_layer_types={mlp_types}: every entry must be {HF_DENSE!r} or {HF_SPARSE!r}")
     ropes = hf_config.rope_parameters
     kinds = {kind.value for kind in AttentionType}
     if set(ropes) != kinds or any(
@@ -196,7 +195,7 @@ def hf_config_to_mimo(hf_config: Mapping[str, Any] | Any, base: ModelConfig | No
         add_swa_attention_sink_bias=True,
         add_full_attention_sink_bias=False,
         attention_value_scale=1.0 if value_scale is None else value_scale,
-        num_dense_layers=num_dense,
+        **moe_pattern_fields([int(kind == HF_SPARSE) for kind in mlp_types]),
         ffn_hidden_size=hf_config.intermediate_size,
         num_experts=hf_config.n_routed_experts,
         moe_ffn_hidden_size=hf_config.moe_intermediate_size,

@@ -14,8 +14,8 @@ built from several HF tensors (fused QKV, gate+up) is emitted as soon as its las
 checkpoints must be dequantised first (``*_scale_inv`` keys are refused).
 
 ``hf_to_mimo`` produces the tensors one rank holds (``ShardLayout``), named as in that rank's model
-``state_dict()``; ``mimo_to_hf`` reads a full, unsharded mimo state dict (load a distributed checkpoint into a
-single-rank model first: dist_checkpointing reshards).
+``state_dict()``; ``mimo_to_hf`` reads full, unsharded mimo tensors, which ``checkpoint_tensors`` locates in a
+distributed checkpoint of any layout (so export reads them one by one, without building the model).
 """
 
 import re
@@ -29,6 +29,10 @@ import torch
 from mimo.model.config import AttentionType, ModelConfig
 from mimo.recipes.errors import MimoError
 
+EXPERTS_CHECKPOINT_KEY = "mlp.experts.experts."
+"""megatron-core checkpoints a MoE layer's routed experts as one tensor per FFN matrix,
+``decoder.layers.N.mlp.experts.experts.linear_fc{1,2}.weight``, with the global expert index as a prepended axis
+(SequentialMLP and the grouped-GEMM experts alike)."""
 HUB_MTP_PRE_MLP_NORM = "pre_mlp_layernorm"
 """The Hub's name for the MTP layer's second norm (decoder layers call it post_attention_layernorm)."""
 QUANT_SCALE_SUFFIX = "_scale_inv"
@@ -113,6 +117,8 @@ class _Rule:
     """embedding | decoder | output | mtp: which pipeline chunk holds it."""
     layer: int | None = None
     expert: int | None = None
+    checkpoint_key: str | None = None
+    """The key of a mimo checkpoint that holds the tensor, where it differs from ``mimo`` (routed experts)."""
 
 
 def _identity_merge(parts: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -158,7 +164,8 @@ def _plain(mimo: str, hf: str, shape: Shape, shard: _Shard, **where: Any) -> _Ru
 def _layer_rules(
     cfg: ModelConfig, mimo: str, hf: str, kind: AttentionType, moe: bool, mtp: bool, **where: Any
 ) -> list[_Rule]:
-    """Rules of one transformer layer: decoder layer (mimo ``decoder.layers.i.``) or MTP layer."""
+    """Rules of one transformer layer: decoder layer (mimo ``decoder.layers.i.``) or MTP layer, in the order of
+    the layer's ``state_dict``."""
     hidden, heads, groups = cfg.hidden_size, cfg.num_attention_heads, cfg.num_kv_heads(kind)
     qkv_merge, qkv_split = _qkv_ops(cfg, kind)
     pre_mlp_norm = HUB_MTP_PRE_MLP_NORM if mtp else "post_attention_layernorm"
@@ -174,14 +181,6 @@ def _layer_rules(
             split=qkv_split,
             **where,
         ),
-        _plain(
-            f"{mimo}self_attention.linear_proj.weight",
-            f"{attn}o_proj.weight",
-            (hidden, heads * cfg.v_head_dim),
-            _Shard.COLUMNS,
-            **where,
-        ),
-        _plain(f"{mimo}pre_mlp_layernorm.weight", f"{hf}{pre_mlp_norm}.weight", (hidden,), _Shard.REPLICATED, **where),
     ]
     if cfg.has_sink(kind):
         rules.append(
@@ -193,6 +192,16 @@ def _layer_rules(
                 **where,
             )
         )
+    rules += [
+        _plain(
+            f"{mimo}self_attention.linear_proj.weight",
+            f"{attn}o_proj.weight",
+            (hidden, heads * cfg.v_head_dim),
+            _Shard.COLUMNS,
+            **where,
+        ),
+        _plain(f"{mimo}pre_mlp_layernorm.weight", f"{hf}{pre_mlp_norm}.weight", (hidden,), _Shard.REPLICATED, **where),
+    ]
     if not moe:
         return rules + _mlp_rules(f"{mimo}mlp.", f"{hf}mlp.", cfg.ffn_hidden_size, cfg, where)
     experts = cfg.num_experts
@@ -213,17 +222,27 @@ def _layer_rules(
             fc1 = f"{mimo}mlp.experts.local_experts.{expert}.linear_fc1.weight"
             fc2 = f"{mimo}mlp.experts.local_experts.{expert}.linear_fc2.weight"
         hf_expert = f"{hf}mlp.experts.{expert}."
-        rules += _mlp_rules(fc1, hf_expert, cfg.moe_ffn_hidden_size, cfg, dict(where, expert=expert), fc2=fc2)
+        keys = (f"{mimo}{EXPERTS_CHECKPOINT_KEY}linear_fc1.weight", f"{mimo}{EXPERTS_CHECKPOINT_KEY}linear_fc2.weight")
+        rules += _mlp_rules(
+            fc1, hf_expert, cfg.moe_ffn_hidden_size, cfg, dict(where, expert=expert), fc2=fc2, checkpoint_keys=keys
+        )
     return rules
 
 
 def _mlp_rules(
-    mimo: str, hf: str, width: int, cfg: ModelConfig, where: dict[str, Any], fc2: str | None = None
+    mimo: str,
+    hf: str,
+    width: int,
+    cfg: ModelConfig,
+    where: dict[str, Any],
+    fc2: str | None = None,
+    checkpoint_keys: tuple[str, str] | None = None,
 ) -> list[_Rule]:
     """SwiGLU FFN of ``width``: fc1 = [gate; up], fc2 = down. ``mimo`` is the module prefix, or fc1's full name
-    with ``fc2``."""
+    with ``fc2``; ``checkpoint_keys`` are fc1's and fc2's checkpoint keys where they differ from the names."""
     hidden = cfg.hidden_size
     fc1_name, fc2_name = (mimo, fc2) if fc2 else (f"{mimo}linear_fc1.weight", f"{mimo}linear_fc2.weight")
+    fc1_key, fc2_key = checkpoint_keys or (None, None)
     return [
         _Rule(
             fc1_name,
@@ -232,14 +251,16 @@ def _mlp_rules(
             _Shard.GATE_UP_ROWS,
             merge=_concat_merge,
             split=_halves_split,
+            checkpoint_key=fc1_key,
             **where,
         ),
-        _plain(fc2_name, f"{hf}down_proj.weight", (hidden, width), _Shard.COLUMNS, **where),
+        _plain(fc2_name, f"{hf}down_proj.weight", (hidden, width), _Shard.COLUMNS, checkpoint_key=fc2_key, **where),
     ]
 
 
 def _rules(cfg: ModelConfig) -> list[_Rule]:
-    """Every tensor of the full model."""
+    """Every tensor of the full model, in the order of a single-rank model's ``state_dict`` (local backend):
+    export writes the HF tensors in this order, as it did when it read them from a built model."""
     hidden, vocab = cfg.hidden_size, cfg.vocab_size
     rules = [
         _plain(
@@ -248,24 +269,30 @@ def _rules(cfg: ModelConfig) -> list[_Rule]:
             (vocab, hidden),
             _Shard.ROWS,
             place="embedding",
-        ),
-        _plain("decoder.final_layernorm.weight", "model.norm.weight", (hidden,), _Shard.REPLICATED, place="output"),
-        _plain("output_layer.weight", "lm_head.weight", (vocab, hidden), _Shard.ROWS, place="output"),
+        )
     ]
     for layer, kind in enumerate(cfg.layer_types()):
         decoder, hub = f"decoder.layers.{layer}.", f"model.layers.{layer}."
         rules += _layer_rules(cfg, decoder, hub, kind, cfg.is_moe(layer), False, place="decoder", layer=layer)
+    rules.append(
+        _plain("decoder.final_layernorm.weight", "model.norm.weight", (hidden,), _Shard.REPLICATED, place="output")
+    )
     for depth in range(cfg.mtp_num_layers):
-        mimo, hf = f"mtp.layers.{depth}.", f"model.mtp.layers.{depth}."
-        rules += [
-            _plain(f"{mimo}{name}.weight", f"{hf}{name}.weight", (hidden,), _Shard.REPLICATED, place="mtp")
-            for name in ("enorm", "hnorm", "final_layernorm")
-        ]
-        rules.append(
-            _plain(f"{mimo}eh_proj.weight", f"{hf}eh_proj.weight", (hidden, 2 * hidden), _Shard.ROWS, place="mtp")
-        )
-        rules += _layer_rules(cfg, f"{mimo}transformer_layer.", hf, AttentionType.SLIDING, False, True, place="mtp")
+        rules += _mtp_rules(cfg, f"mtp.layers.{depth}.", f"model.mtp.layers.{depth}.")
+    rules.append(_plain("output_layer.weight", "lm_head.weight", (vocab, hidden), _Shard.ROWS, place="output"))
     return rules
+
+
+def _mtp_rules(cfg: ModelConfig, mimo: str, hf: str) -> list[_Rule]:
+    """One MTP block: enorm, hnorm, eh_proj, its SWA dense-FFN layer, final_layernorm."""
+    hidden = cfg.hidden_size
+
+    def norm(name: str) -> _Rule:
+        return _plain(f"{mimo}{name}.weight", f"{hf}{name}.weight", (hidden,), _Shard.REPLICATED, place="mtp")
+
+    eh_proj = _plain(f"{mimo}eh_proj.weight", f"{hf}eh_proj.weight", (hidden, 2 * hidden), _Shard.ROWS, place="mtp")
+    layer = _layer_rules(cfg, f"{mimo}transformer_layer.", hf, AttentionType.SLIDING, False, True, place="mtp")
+    return [norm("enorm"), norm("hnorm"), eh_proj, *layer, norm("final_layernorm")]
 
 
 def hub_tensor_shapes(cfg: ModelConfig) -> dict[str, Shape]:
@@ -273,6 +300,42 @@ def hub_tensor_shapes(cfg: ModelConfig) -> dict[str, Shape]:
     ``save_pretrained`` writes plus ``model.mtp.layers.K.*``."""
     cfg.validate()
     return {name: shape for rule in _rules(cfg) for name, shape in zip(rule.hf, rule.shapes)}
+
+
+@dataclass(frozen=True)
+class CheckpointTensor:
+    """One tensor of the full model as a mimo checkpoint (megatron dist_checkpointing) stores it, and the HF
+    tensors it becomes."""
+
+    mimo: str
+    """Its name in a single-rank model's ``state_dict`` (what ``mimo_to_hf`` takes)."""
+    key: str
+    """The checkpoint key holding it: the same name, but one key per MoE layer and FFN matrix for the routed
+    experts (``EXPERTS_CHECKPOINT_KEY``)."""
+    expert: int | None
+    """For a routed expert: its index on the key's prepended expert axis."""
+    shape: Shape
+    """Shape of the tensor (of one expert's slice for experts): the HF parts stacked on dim 0."""
+    hf: tuple[str, ...]
+    hf_shapes: tuple[Shape, ...]
+
+
+def checkpoint_tensors(cfg: ModelConfig) -> list[CheckpointTensor]:
+    """Every tensor of the full model, MTP blocks included, in the order of a single-rank model's ``state_dict``
+    (on the local backend), with the checkpoint key and slice that hold it whatever layout wrote the checkpoint
+    (layer numbers in checkpoint keys are global)."""
+    cfg.validate()
+    return [
+        CheckpointTensor(
+            mimo=rule.mimo,
+            key=rule.checkpoint_key or rule.mimo,
+            expert=rule.expert,
+            shape=(sum(shape[0] for shape in rule.shapes), *rule.shapes[0][1:]),
+            hf=rule.hf,
+            hf_shapes=rule.shapes,
+        )
+        for rule in _rules(cfg)
+    ]
 
 
 def _holds(rule: _Rule, layout: ShardLayout, cfg: ModelConfig) -> bool:

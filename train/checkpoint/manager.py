@@ -54,6 +54,11 @@ RESHAPE_FREE_MODEL_FIELDS = frozenset(
 )
 
 
+MOE_PATTERN_FIELDS = ("num_dense_layers", "moe_layer_pattern")
+"""Two spellings of one architecture (a count of leading dense layers, or a per-layer list; checkpoints older
+than the list have only the count): compared through the per-layer pattern they resolve to."""
+
+
 def step_dir_name(step: int) -> str:
     return f"step_{step:07d}"
 
@@ -96,8 +101,17 @@ def check_model_compatible(meta: CheckpointMeta, model: ModelConfig, path: Path)
     differences = [
         f"model.{key}: checkpoint {meta.model.get(key)!r}, config {value!r}"
         for key, value in asdict(model).items()
-        if key not in RESHAPE_FREE_MODEL_FIELDS and key in meta.model and meta.model[key] != value
+        if key not in RESHAPE_FREE_MODEL_FIELDS | set(MOE_PATTERN_FIELDS)
+        and key in meta.model
+        and meta.model[key] != value
     ]
+    saved_spelling = {key: meta.model[key] for key in ("num_layers", *MOE_PATTERN_FIELDS) if key in meta.model}
+    saved_pattern = ModelConfig(**saved_spelling).moe_pattern()
+    if saved_pattern != model.moe_pattern():
+        differences.append(
+            f"model.moe_layer_pattern (1 = MoE, resolved from {saved_spelling}): checkpoint {saved_pattern},"
+            f" config {model.moe_pattern()}"
+        )
     if differences:
         raise CheckpointError(
             f"checkpoint {path} was written for another model architecture:\n  "

@@ -21,8 +21,9 @@ import json
 import math
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +33,7 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from mimo.data import build_tokenizer, check_vocab
-from mimo.data.tokenizer import encode_documents
+from mimo.data.tokenizer import MimoTokenizer, encode_documents
 from mimo.model.builder import build_model
 from mimo.parallel.runtime import Runtime, shutdown
 from mimo.recipes.compose import load_config
@@ -76,13 +77,14 @@ class Sequences:
     """[n, S] float32: 1 where the label is a real token of the stream."""
 
 
-def read_token_stream(path: Path, tokenizer) -> np.ndarray:
-    """All documents of ``path`` as one int64 stream (see the module docstring for the formats)."""
+def read_token_stream(path: Path, tokenizer: Callable[[], MimoTokenizer]) -> np.ndarray:
+    """All documents of ``path`` as one int64 stream (see the module docstring for the formats). ``tokenizer``
+    is called only when there is text to encode: ``input_ids`` records need none."""
     path = Path(path)
     if not path.exists():
         raise EvalError(f"{path} does not exist; give a text file or a JSONL file with 'text' or 'input_ids'")
     if path.suffix not in JSONL_SUFFIXES:
-        return encode_documents(tokenizer.hf, [path.read_text()], np.int64)[0]
+        return encode_documents(tokenizer().hf, [path.read_text()], np.int64)[0]
     documents: list[np.ndarray | None] = []
     texts: dict[int, str] = {}
     with path.open() as lines:
@@ -100,7 +102,7 @@ def read_token_stream(path: Path, tokenizer) -> np.ndarray:
                 documents.append(None)
             else:
                 raise EvalError(f"{path}:{number}: a record needs a '{TEXT_FIELD}' string or an '{IDS_FIELD}' list")
-    encoded = dict(zip(texts, encode_documents(tokenizer.hf, list(texts.values()), np.int64))) if texts else {}
+    encoded = dict(zip(texts, encode_documents(tokenizer().hf, list(texts.values()), np.int64))) if texts else {}
     parts = [encoded[i] if document is None else document for i, document in enumerate(documents)]
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
@@ -163,9 +165,7 @@ def eval_overrides(checkpoint: Path, overrides: Sequence[str]) -> list[str]:
 
 
 def _file_sequences(data: Path, cfg: MimoConfig) -> Sequences:
-    tokenizer = build_tokenizer(cfg.data)
-    check_vocab(tokenizer, cfg.model.vocab_size)
-    stream = read_token_stream(data, tokenizer)
+    stream = read_token_stream(data, partial(_text_tokenizer, cfg))
     if len(stream) and (stream.min() < 0 or stream.max() >= cfg.model.vocab_size):
         raise EvalError(f"{data}: token ids must lie in 0..{cfg.model.vocab_size - 1} (model.vocab_size)")
     return to_sequences(stream, cfg.train.seq_length)
@@ -190,6 +190,13 @@ def evaluate(
         return _result(sums, cfg.model.mtp_num_layers, len(sequences.tokens), checkpoint, step)
     finally:
         shutdown()
+
+
+def _text_tokenizer(cfg: MimoConfig) -> MimoTokenizer:
+    """The tokenizer text is encoded with, refused when its ids could pass the model's vocabulary."""
+    tokenizer = build_tokenizer(cfg.data)
+    check_vocab(tokenizer, cfg.model.vocab_size)
+    return tokenizer
 
 
 def _sums(chunks, sequences: Sequences, cfg: MimoConfig, runtime: Runtime) -> torch.Tensor:

@@ -29,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
         " sharded; FP8 128x128-block weights are dequantised) and write OUT_DIR/checkpoints (step 0, no optimizer"
         " state), OUT_DIR/config.yaml and the model as recipe group OUT_DIR/recipes/model/imported.yaml. Runs in"
         " one process or under torchrun with the layout given by parallel.* overrides; each rank reads only its"
-        " tensors. MTP blocks: all the checkpoint has, or model.mtp_num_layers=N of them.",
+        " tensors. MTP blocks: all the checkpoint has, or model.mtp_num_layers=N of them. The directory's"
+        " tokenizer, when it has one, becomes the run's data.tokenizer.",
         epilog="example: torchrun --nproc-per-node 8 -m mimo.train.tools.convert import-hf /ckpt/MiMo-V2-Flash"
         " runs/flash"
         " model.mtp_num_layers=1 precision.dtype=bf16 parallel.ep=8",
@@ -41,10 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     exporter = commands.add_parser(
         "export-hf",
         help="mimo checkpoint -> HF directory that MiMoV2FlashForCausalLM.from_pretrained loads",
-        description="Load a mimo checkpoint (a run directory, its checkpoints/ directory, or one step_N directory)"
-        " into ONE process and write safetensors shards, their index and config.json. The whole model is held in"
-        " memory: the full 309B model needs a machine with about 1.3 TB of RAM in FP32 (0.65 TB in BF16), the 3.4B"
-        " proxy about 30 GB; the tiny model exports anywhere.",
+        description="Read a mimo checkpoint (a run directory, its checkpoints/ directory, or one step_N directory;"
+        " written under any layout) tensor by tensor and write safetensors shards, their index, config.json and the"
+        " run's tokenizer. One process, no GPU: the model is never built and about one tensor is held at a time, so"
+        " even the 309B model exports on one machine with a few GB of memory.",
     )
     exporter.add_argument("ckpt_dir", type=Path)
     exporter.add_argument("out_dir", type=Path)

@@ -1,5 +1,5 @@
-"""Hugging Face MiMo-V2-Flash checkpoint files: safetensors read tensor by tensor (FP8 block-quantised weights
-dequantised on the way), sharded safetensors written back as ``save_pretrained`` names them.
+"""Hugging Face MiMo-V2-Flash checkpoint files read tensor by tensor (FP8 block-quantised weights dequantised on
+the way); ``hf_writer`` writes them.
 
 Reading never loads a whole file: the headers give every tensor's name, shape and dtype, and a tensor's bytes are
 read only when it is asked for, so each rank of a converter touches only the tensors it holds.
@@ -7,7 +7,6 @@ read only when it is asked for, so each rank of a converter touches only the ten
 
 import json
 import math
-from collections.abc import Iterable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,16 +14,14 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
-from tqdm import tqdm
 
 from mimo.model.hf.mapping import QUANT_SCALE_SUFFIX
 from mimo.recipes.errors import MimoError
 
+TOKENIZER_KEY = "data.tokenizer"
+"""The run's tokenizer: import sets it to the HF directory's own tokenizer (unless given), export writes it."""
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-SAFETENSORS_METADATA = {"format": "pt"}
-"""transformers refuses safetensors files whose metadata does not say they hold PyTorch tensors."""
 DEFAULT_FP8_BLOCK = (128, 128)
 """Weight block of the released FP8 checkpoint (DeepSeek-V3 style) when config.json does not name one."""
 FP8_DTYPES = {"F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
@@ -138,55 +135,3 @@ class HFCheckpoint:
             return tensor
         scale_name = name + QUANT_SCALE_SUFFIX
         return dequantize_fp8(tensor, self._handle(self.tensors[scale_name].file).get_tensor(scale_name), self.block)
-
-
-class _ShardWriter:
-    """Collects tensors into safetensors files of at most ``max_bytes`` (a bigger tensor gets a file of its own)."""
-
-    def __init__(self, directory: Path, max_bytes: int):
-        self.directory, self.max_bytes = directory, max_bytes
-        self.pending: dict[str, torch.Tensor] = {}
-        self.pending_bytes = 0
-        self.total_bytes = 0
-        self.files: list[Path] = []
-        self.file_of: dict[str, int] = {}
-
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        nbytes = tensor.numel() * tensor.element_size()
-        if self.pending and self.pending_bytes + nbytes > self.max_bytes:
-            self.flush()
-        # A copy: tensors split from one mimo tensor share its storage, which safetensors refuses to write.
-        self.pending[name] = tensor.detach().contiguous().clone()
-        self.pending_bytes += nbytes
-        self.total_bytes += nbytes
-        self.file_of[name] = len(self.files)
-
-    def flush(self) -> None:
-        self.files.append(self.directory / f"model-{len(self.files) + 1:05d}.safetensors.partial")
-        save_file(self.pending, str(self.files[-1]), metadata=SAFETENSORS_METADATA)
-        self.pending, self.pending_bytes = {}, 0
-
-
-def save_sharded(
-    tensors: Iterable[tuple[str, torch.Tensor]], directory: Path, max_shard_bytes: int, total: int | None = None
-) -> list[Path]:
-    """Write (name, tensor) pairs as safetensors files named as ``save_pretrained`` names them: one
-    ``model.safetensors``, or ``model-0000i-of-0000n.safetensors`` plus the index; returns the files written."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    writer = _ShardWriter(directory, max_shard_bytes)
-    for name, tensor in tqdm(tensors, total=total, desc="writing", unit="tensor"):
-        writer.add(name, tensor)
-    writer.flush()
-    if len(writer.files) == 1:
-        return [writer.files[0].rename(directory / SINGLE_FILE)]
-    count = len(writer.files)
-    final = [
-        path.rename(directory / f"model-{i + 1:05d}-of-{count:05d}.safetensors") for i, path in enumerate(writer.files)
-    ]
-    index = {
-        "metadata": {"total_size": writer.total_bytes},
-        "weight_map": {name: final[file].name for name, file in writer.file_of.items()},
-    }
-    (directory / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True))
-    return final + [directory / INDEX_FILE]

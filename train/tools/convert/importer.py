@@ -1,7 +1,9 @@
 """``mimo-convert import-hf``: a Hugging Face MiMo-V2-Flash directory into a mimo run directory.
 
-The mimo model is built under the requested layout (one process or ``torchrun``), each rank reading only the
-tensors it holds, and written as a checkpoint that ``mimo-train`` resumes from at step 0 with a fresh optimizer.
+The mimo model is built under the requested layout (one process or ``torchrun``) without any random
+initialisation, each rank reading only the tensors it holds, and written as a checkpoint that ``mimo-train``
+resumes from at step 0 with a fresh optimizer. The HF directory's tokenizer, when it has one, is recorded as the
+run's ``data.tokenizer``.
 """
 
 import dataclasses
@@ -12,8 +14,8 @@ from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
-from tqdm import tqdm
 
+from mimo.data.tokenizer import has_tokenizer
 from mimo.model.builder import build_model
 from mimo.model.config import ModelConfig
 from mimo.model.hf.configs import hf_config_to_mimo, read_hf_config
@@ -26,7 +28,8 @@ from mimo.train.checkpoint.manager import CheckpointManager, latest_checkpoint
 from mimo.train.config import RUN_CONFIG_FILE
 from mimo.train.fault.run_lock import lock_run_dir
 from mimo.train.records import TrainState
-from mimo.train.tools.convert.hf_files import ConvertError, HFCheckpoint, fp8_block
+from mimo.train.tools.convert.hf_files import TOKENIZER_KEY, ConvertError, HFCheckpoint, fp8_block
+from mimo.train.tools.convert.progress import TransferProgress
 
 logger = logging.getLogger("mimo")
 
@@ -106,10 +109,9 @@ def load_chunk(chunk: torch.nn.Module, hf: HFCheckpoint, cfg: ModelConfig, show_
     layout = ShardLayout.of_model(chunk)
     names = hf_names(cfg, layout)
     state = {name: tensor for name, tensor in chunk.state_dict().items() if not name.endswith("_extra_state")}
-    progress = tqdm(names, desc="importing", unit="tensor", disable=not show_progress)
     loaded = set()
-    with torch.no_grad():
-        for name, tensor in hf_to_mimo(((name, hf.read(name)) for name in progress), cfg, layout):
+    with torch.no_grad(), TransferProgress("importing", len(names), enabled=show_progress) as progress:
+        for name, tensor in hf_to_mimo(progress.track((name, hf.read(name)) for name in names), cfg, layout):
             target = state.get(name)
             if target is None or target.shape != tensor.shape:
                 raise ConvertError(
@@ -132,6 +134,8 @@ def import_hf(hf_dir: Path, out_dir: Path, overrides: Sequence[str] = (), config
         raise ConvertError(
             f"{cfg.checkpoint.dir} already holds a checkpoint; import into a new directory so no run is overwritten"
         )
+    if not _given(overrides, TOKENIZER_KEY) and has_tokenizer(hf_dir):
+        cfg.data.tokenizer = str(hf_dir)  # recorded in config.yaml: training, evaluation and export use it
     with HFCheckpoint(hf_dir, fp8_block(hf_config)) as hf:
         cfg.model = imported_model_config(hf_config, cfg.model, hf.weights(), overrides, hf_dir.name)
         dropped = check_tensors(hf, cfg.model)
@@ -145,8 +149,9 @@ def import_hf(hf_dir: Path, out_dir: Path, overrides: Sequence[str] = (), config
                     len(dropped),
                     cfg.model.mtp_num_layers,
                 )
+            # Every tensor is loaded from the checkpoint next: no random draw (megatron's or mimo's) is needed.
             chunks = build_model(
-                cfg.model, cfg.parallel, cfg.precision, seq_length=cfg.train.seq_length, seed=cfg.run.seed
+                cfg.model, cfg.parallel, cfg.precision, seq_length=cfg.train.seq_length, random_init=False
             )
             for chunk in chunks:
                 load_chunk(chunk, hf, cfg.model, show_progress=runtime.is_main)
@@ -168,12 +173,14 @@ def _write_run_files(cfg: MimoConfig, out_dir: Path, config_name: str) -> None:
     group.mkdir(parents=True, exist_ok=True)
     (group / f"{IMPORTED_MODEL_GROUP}.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg.model)))
     recipe = f" -c {config_name}" if config_name != "config" else ""
+    tokenizer = f" {TOKENIZER_KEY}={cfg.data.tokenizer}" if cfg.data.tokenizer else ""
     logger.info(
         "imported into %s; train on from it with (plus the recipe's other overrides):\n  mimo-train%s"
-        " 'hydra.searchpath=[file://%s]' model=%s run.dir=%s",
+        " 'hydra.searchpath=[file://%s]' model=%s run.dir=%s%s",
         cfg.checkpoint.dir,
         recipe,
         out_dir / "recipes",
         IMPORTED_MODEL_GROUP,
         out_dir,
+        tokenizer,
     )

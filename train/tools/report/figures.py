@@ -192,7 +192,7 @@ def _heatmap(figure: Figure, ax: Axes, run: Run) -> None:
     ax.set_xlabel("expert")
     ax.set_ylabel("decoder layer")
     layers = range(len(relative))
-    ax.set_yticks(list(layers), [str(run.first_moe_layer + layer) for layer in layers])
+    ax.set_yticks(list(layers), [str(run.moe_layers[layer] if run.moe_layers else layer) for layer in layers])
     ax.xaxis.set_major_locator(MaxNLocator(MAX_TICKS * 2, integer=True))
     ax.yaxis.set_major_locator(MaxNLocator(MAX_TICKS * 2, integer=True))
 

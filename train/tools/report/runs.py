@@ -35,8 +35,9 @@ class Run:
     stages: dict[str, tuple[int, int]] = field(default_factory=dict)
     """Each schedule stage's token span [start, end), from config.yaml; empty when it could not be read."""
     train_steps: int | None = None
-    first_moe_layer: int = 0
-    """Decoder layer of the first MoE layer, to label the expert-load rows (0 when the config is unreadable)."""
+    moe_layers: list[int] = field(default_factory=list)
+    """Decoder layers of the MoE layers, to label the expert-load rows (empty when the config is unreadable: the
+    rows are then numbered from 0)."""
     notes: list[str] = field(default_factory=list)
     """What could not be read, for the summary."""
 
@@ -101,7 +102,7 @@ def read_run(directory: Path, name: str) -> Run:
         cfg = read_config(config)
         run.stages = Schedule(cfg.schedule, optim=cfg.optim, train=cfg.train, model=cfg.model).stages
         run.train_steps = cfg.train.steps
-        run.first_moe_layer = cfg.model.num_dense_layers
+        run.moe_layers = cfg.model.moe_layers()
     except (OmegaConfBaseException, ScheduleError, MimoError) as err:
         run.notes.append(f"{name}: {config} does not compose with this mimo ({err}); stage boundaries are not marked")
     return run
