@@ -29,3 +29,13 @@ def test_a_memory_snapshot_on_cpu_is_refused_with_the_key(tmp_path):
 def test_profile_steps_must_be_a_first_last_pair(steps):
     with pytest.raises(ConfigError, match=r"profile.steps="):
         ProfileConfig(steps=steps).validate()
+
+
+def test_a_run_ending_inside_the_profiled_steps_stops_the_profiler_and_keeps_its_trace(tmp_path):
+    profiler = StepProfiler(ProfileConfig(steps=[1, 3]), str(tmp_path), 0, torch.device("cpu"))
+    with profiler.step(1):
+        torch.ones(4).sum()
+    assert torch.autograd.profiler._is_profiler_enabled
+    profiler.close(last_step=1)  # e.g. train.stop_after_steps=1
+    assert not torch.autograd.profiler._is_profiler_enabled
+    assert [path.name for path in (tmp_path / "profile").iterdir()] == ["rank0_steps1-1.trace.json"]

@@ -48,7 +48,7 @@ class StepProfiler:
             self._start()
         yield
         if self._profile is not None and number == self.steps[1]:
-            self._stop()
+            self._stop(number)
 
     def _start(self) -> None:
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
@@ -57,9 +57,16 @@ class StepProfiler:
         if self.memory_snapshot:
             torch.cuda.memory._record_memory_history(max_entries=MEMORY_HISTORY_ENTRIES)
 
-    def _stop(self) -> None:
+    def close(self, last_step: int) -> None:
+        """At the end of the run: a run that stopped inside the profiled steps (``train.stop_after_steps``, a
+        signal, an error) still stops the profiler and writes the steps it recorded. A profiler left running would
+        keep its callbacks registered into the next run in this process and crash the interpreter at exit."""
+        if self._profile is not None:
+            self._stop(last_step)
+
+    def _stop(self, last_step: int) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
-        stem = self.directory / f"rank{self.rank}_steps{self.steps[0]}-{self.steps[1]}"
+        stem = self.directory / f"rank{self.rank}_steps{self.steps[0]}-{last_step}"
         self._profile.stop()
         self._profile.export_chrome_trace(f"{stem}.trace.json")
         self._profile = None
@@ -68,4 +75,4 @@ class StepProfiler:
             torch.cuda.memory._dump_snapshot(f"{stem}.memory.pickle")
             torch.cuda.memory._record_memory_history(enabled=None)
             written.append(f"{stem}.memory.pickle")
-        logger.info("profile of steps %d-%d on rank %d: %s", *self.steps, self.rank, ", ".join(written))
+        logger.info("profile of steps %d-%d on rank %d: %s", self.steps[0], last_step, self.rank, ", ".join(written))

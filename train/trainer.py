@@ -156,7 +156,7 @@ class Trainer:
         self.runtime = start_runtime(cfg)
         self.stop = StopRequest().install()
         self.writer: MetricsWriter | None = None
-        self.run_lock = self.checkpoints = self.watchdog = None
+        self.run_lock = self.checkpoints = self.watchdog = self.profiler = None
         try:
             self._setup()
         except BaseException:
@@ -422,6 +422,8 @@ class Trainer:
 
         self.stop.uninstall()
         try:
+            if self.profiler is not None:
+                self.profiler.close(self.state.step)
             if self.checkpoints is not None:
                 self.checkpoints.close()  # the end of the run waits for a background write
         finally:
