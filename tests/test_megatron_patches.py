@@ -4,6 +4,7 @@ References are closed forms computed from all ranks' inputs (which expert must r
 combined output must be) and cross-rank comparisons (which RNG streams must agree and which must differ).
 """
 
+import gc
 import json
 import subprocess
 import sys
@@ -177,10 +178,16 @@ def test_an_unverified_megatron_is_refused_before_anything_is_patched():
 @pytest.mark.parametrize(
     "machine, expected",
     [
-        ("cuda=True, transformer_engine=True, fused_adam=True", {"fully_reshardable_offsets"}),
+        ("cuda=True, transformer_engine=True, fused_adam=True", {"fully_reshardable_offsets", "optimizer_state_gc"}),
         (
             "cuda=True, transformer_engine=False, fused_adam=False",
-            {"fully_reshardable_offsets", "te_general_gemm_name", "torch_adam_checkpoint_load", "fp64_grad_norm"},
+            {
+                "fully_reshardable_offsets",
+                "optimizer_state_gc",
+                "te_general_gemm_name",
+                "torch_adam_checkpoint_load",
+                "fp64_grad_norm",
+            },
         ),
     ],
     ids=["gpu-with-te", "gpu-without-te"],
@@ -231,3 +238,22 @@ def test_bad_layout_fails_before_any_process_group(monkeypatch):
     with pytest.raises(LayoutError, match="world size 1"):
         _initialize(ParallelConfig(tp=2))
     assert not dist.is_initialized()
+
+
+def test_the_optimizer_collects_garbage_only_when_automatic_collection_is_off(monkeypatch):
+    from megatron.core.optimizer import distrib_optimizer
+
+    from mimo.parallel.megatron_patches.optimizer import _collect_only_with_automatic_gc_off
+
+    monkeypatch.setattr(distrib_optimizer, "gc", distrib_optimizer.gc)  # undone after the test
+    _collect_only_with_automatic_gc_off()
+    collections = []
+    monkeypatch.setattr(gc, "collect", lambda *args: collections.append(args) or 0)
+    distrib_optimizer.gc.collect()
+    assert collections == [], "a full collection with the collector on"
+    gc.disable()
+    try:
+        distrib_optimizer.gc.collect()
+    finally:
+        gc.enable()
+    assert collections == [()], "Megatron-LM's manual-GC mode still frees the state"
