@@ -11,13 +11,18 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from megatron.core.models.backends import LocalSpecProvider
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from mimo.model.attention import AttentionGeometry
+from mimo.model.config import AttentionType, ModelConfig
 from mimo.model.core_attention import SINK_SOFTMAX_TYPE, LocalCoreAttention
-from mimo.parallel.config import ALLGATHER, HALO
+from mimo.model.specs import TE_CP_COMM_TYPE, BackendModules, core_attention_module, cp_comm_type
+from mimo.parallel.config import ALLGATHER, HALO, ParallelConfig
 from mimo.parallel.context_parallel import SENT_BYTES, halo_pieces
+from mimo.parallel.layout import LayoutError, validate_layout
 from mimo.parallel.megatron_patches import apply_megatron_patches
 
 BATCH, HEADS, GROUPS, QK_DIM, V_DIM, SCALE = 2, 4, 2, 12, 8, 0.3
@@ -211,3 +216,30 @@ def test_halo_pieces_cover_exactly_the_window_before_each_chunk(cp, chunk, windo
         assert covered == list(range(max(0, start - window), start)), target
     assert all(0 < piece.length <= chunk for piece in pieces)
     assert len(pieces) == sum(math.ceil(min(window, j * chunk) / chunk) for j in range(1, 2 * cp))
+
+
+def test_sliding_window_layers_use_the_halo_under_cp_and_global_layers_keep_the_backends_attention():
+    class BackendAttention:  # stands in for TEDotProductAttention, which needs a GPU
+        pass
+
+    backend = BackendModules(provider=LocalSpecProvider(), norm=torch.nn.Identity, core_attention=BackendAttention)
+    cfg = ModelConfig(add_swa_attention_sink_bias=False)  # a window alone is enough
+    sliding, full = (AttentionGeometry.for_layer(cfg, kind) for kind in (AttentionType.SLIDING, AttentionType.GLOBAL))
+    assert core_attention_module(backend, sliding, context_parallel=True) is LocalCoreAttention
+    assert core_attention_module(backend, full, context_parallel=True) is BackendAttention
+    assert cp_comm_type(LocalCoreAttention, sliding, HALO) == HALO
+    assert cp_comm_type(LocalCoreAttention, sliding, ALLGATHER) == ALLGATHER
+    assert cp_comm_type(LocalCoreAttention, full, HALO) == ALLGATHER
+    assert cp_comm_type(BackendAttention, full, HALO) == TE_CP_COMM_TYPE
+
+
+def test_an_unknown_window_exchange_is_refused():
+    with pytest.raises(LayoutError, match="parallel.cp_window_exchange='ring' is not one of halo, allgather"):
+        validate_layout(
+            ParallelConfig(cp=2, cp_window_exchange="ring"),
+            ModelConfig(),
+            2,
+            global_batch_size=2,
+            micro_batch_size=1,
+            seq_length=128,
+        )
