@@ -31,8 +31,9 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from mimo.model.config import AttentionType
 from mimo.model.core_attention import SINK_SOFTMAX_TYPE, LocalCoreAttention
 from mimo.parallel.config import ALLGATHER, CP_WINDOW_EXCHANGES, HALO
-from mimo.parallel.context_parallel import SENT_BYTES, load_balanced_chunks
+from mimo.parallel.context_parallel import SENT_BYTES
 from mimo.parallel.megatron_patches import apply_megatron_patches
+from mimo.parallel.sequence_chunks import load_balanced_chunks
 from mimo.recipes import load_config
 
 STAGE3 = "mimo_v2_flash_stage3"

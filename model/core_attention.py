@@ -36,7 +36,8 @@ from megatron.core.utils import divide, get_pg_rank, get_pg_size
 
 from mimo.model.attention_kernel import attention
 from mimo.parallel.config import ALLGATHER, HALO
-from mimo.parallel.context_parallel import gather_in_sequence_order, halo_exchange, load_balanced_chunks
+from mimo.parallel.context_parallel import gather_in_sequence_order, halo_exchange
+from mimo.parallel.sequence_chunks import load_balanced_chunks
 
 KeySpan = tuple[torch.Tensor, torch.Tensor, int]
 """Keys [b, groups, past + chunk, dk], values [b, groups, past + chunk, dv] of one chunk of queries, and ``past``."""

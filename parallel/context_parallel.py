@@ -1,16 +1,12 @@
-"""How a sequence lies across context-parallel ranks, and the exchanges that bring back the parts a rank needs.
+"""The exchanges that bring back the parts of a sequence a context-parallel rank needs.
 
-megatron's load-balanced split (``megatron.core.utils.get_batch_on_this_cp_rank``, applied to every batch by the
-training step) cuts each sequence into 2 * cp equal chunks and gives rank r chunks r and 2 * cp - 1 - r, so that
-under causal attention every rank has the same work. Global attention needs the keys and values of all of them
-(``gather_in_sequence_order``, also used by evaluation for the whole sequence's logits), sliding-window attention
-only the ``window`` tokens before each chunk (``halo_exchange``), and loss normalisation the token count of the
-whole sequence.
+Each rank holds two of the sequence's 2 * cp chunks (``mimo.parallel.sequence_chunks``). Global attention needs
+the keys and values of all of them (``gather_in_sequence_order``, also used by evaluation for the whole sequence's
+logits), sliding-window attention only the ``window`` tokens before each chunk (``halo_exchange``), and loss
+normalisation the token count of the whole sequence.
 """
 
-import math
 from collections import Counter
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -18,21 +14,12 @@ from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel
 from megatron.core.utils import get_pg_rank, get_pg_size
 
 from mimo.parallel.config import ALLGATHER, HALO
+from mimo.parallel.sequence_chunks import HaloPiece, chunk_owner, halo_pieces, load_balanced_chunks
 
 SENT_BYTES: Counter = Counter()
 """Bytes this process has sent to other context-parallel ranks, by (exchange, "forward" | "backward"): the halo's
 point-to-point messages exactly; an all-gather of a tensor as (cp - 1) times its bytes, what every rank sends in a
 ring all-gather and in the reduce-scatter of its backward. ``bench/bench_cp.py`` reads it."""
-
-
-def load_balanced_chunks(cp_rank: int, cp_size: int) -> tuple[int, int]:
-    """The two of the sequence's 2 * cp_size chunks that context-parallel rank ``cp_rank`` holds, in its order."""
-    return cp_rank, 2 * cp_size - 1 - cp_rank
-
-
-def chunk_owner(chunk: int, cp_size: int) -> int:
-    """The context-parallel rank holding chunk ``chunk`` of the 2 * cp_size (``load_balanced_chunks``)."""
-    return chunk if chunk < cp_size else 2 * cp_size - 1 - chunk
 
 
 def sum_over_context_parallel(value: torch.Tensor, cp_group: torch.distributed.ProcessGroup) -> torch.Tensor:
@@ -76,28 +63,6 @@ def _count_reduce_scatter(nbytes: int):
         SENT_BYTES[ALLGATHER, "backward"] += nbytes
 
     return count
-
-
-@dataclass(frozen=True)
-class HaloPiece:
-    """The last ``length`` tokens of chunk ``source``, which chunk ``target``'s queries see."""
-
-    source: int
-    target: int
-    length: int
-
-
-def halo_pieces(cp_size: int, chunk: int, window: int) -> list[HaloPiece]:
-    """What each chunk needs of the chunks before it: the ``window`` tokens before chunk j (fewer near the start)
-    are the tail of chunk j - 1 and, when chunks are shorter than the window, all of j - 1 and the tail of j - 2,
-    and so on. Targets ascending, each target's sources ascending: every rank lists the pieces in the same order,
-    and a target's pieces concatenate in sequence order."""
-    pieces = []
-    for target in range(1, 2 * cp_size):
-        need = min(window, target * chunk)
-        for source in range(target - math.ceil(need / chunk), target):
-            pieces.append(HaloPiece(source, target, min(chunk, need - (target - 1 - source) * chunk)))
-    return pieces
 
 
 def halo_exchange(

@@ -21,9 +21,10 @@ from mimo.model.config import AttentionType, ModelConfig
 from mimo.model.core_attention import SINK_SOFTMAX_TYPE, LocalCoreAttention
 from mimo.model.specs import TE_CP_COMM_TYPE, BackendModules, core_attention_module, cp_comm_type
 from mimo.parallel.config import ALLGATHER, HALO, ParallelConfig
-from mimo.parallel.context_parallel import SENT_BYTES, halo_pieces
+from mimo.parallel.context_parallel import SENT_BYTES
 from mimo.parallel.layout import LayoutError, validate_layout
 from mimo.parallel.megatron_patches import apply_megatron_patches
+from mimo.parallel.sequence_chunks import halo_pieces, halo_tokens_sent
 
 BATCH, HEADS, GROUPS, QK_DIM, V_DIM, SCALE = 2, 4, 2, 12, 8, 0.3
 FP64_BYTES = 8
@@ -173,7 +174,7 @@ def test_outputs_and_gradients_equal_the_unsplit_attention(ranks):
             assert torch.allclose(total, inputs["sink"].grad, atol=1e-10, rtol=0), key
 
 
-def halo_tokens_sent(cp: int, rank: int, chunk: int, window: int) -> int:
+def closed_form_halo_tokens(cp: int, rank: int, chunk: int, window: int) -> int:
     """Tokens rank ``rank`` sends per direction, closed form (window <= chunk): the last ``window`` tokens of each of
     its chunks whose successor lives on another rank. Rank r holds chunks r and 2cp-1-r: chunk r's successor is
     on rank r + 1 except for r = cp - 1 (it holds chunk cp itself); chunk 2cp-1-r's successor 2cp-r is on rank
@@ -195,11 +196,16 @@ def test_each_rank_sends_what_the_closed_forms_say(ranks):
                 # keys and values each: this rank's 2 * chunk tokens to the cp - 1 others, and so its gradients
                 expected = (cp - 1) * 2 * chunk * token_bytes
                 assert sent == {(ALLGATHER, "forward"): expected, (ALLGATHER, "backward"): expected}, (key, rank)
-            elif window <= chunk:
-                expected = halo_tokens_sent(cp, rank, chunk, window) * token_bytes
+                continue
+            if window <= chunk:
+                expected = closed_form_halo_tokens(cp, rank, chunk, window) * token_bytes
                 assert sent == {(HALO, "forward"): expected, (HALO, "backward"): expected}, (key, rank)
             else:  # the halo reaches over several chunks: at most the tokens before each chunk, far fewer than seq
                 assert sent[HALO, "forward"] == sent[HALO, "backward"] <= 2 * window * token_bytes, (key, rank)
+            # what the planner counts (halo_tokens_sent) is what the exchange sent, windows over several chunks too
+            for step in ("forward", "backward"):
+                tokens = halo_tokens_sent(cp, chunk, window, rank, backward=step == "backward")
+                assert sent[HALO, step] == tokens * token_bytes, (key, rank, step)
 
 
 @pytest.mark.parametrize("cp, chunk, window", [(2, 8, 5), (2, 8, 20), (4, 8, 16), (4, 8, 30), (8, 3, 128)])
@@ -243,3 +249,10 @@ def test_an_unknown_window_exchange_is_refused():
             micro_batch_size=1,
             seq_length=128,
         )
+
+
+@pytest.mark.parametrize("cp, chunk, window", [(2, 8, 5), (2, 8, 8), (4, 8, 3), (8, 16384, 128)])
+def test_the_planners_halo_count_is_the_closed_form(cp, chunk, window):
+    for rank in range(cp):
+        expected = closed_form_halo_tokens(cp, rank, chunk, window)
+        assert halo_tokens_sent(cp, chunk, window, rank) == expected == halo_tokens_sent(cp, chunk, window, rank, True)

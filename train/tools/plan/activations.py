@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from mimo.model.config import AttentionType, ModelConfig
+from mimo.parallel.config import HALO
 from mimo.parallel.layout import ResolvedLayout
 from mimo.recipes.schema import MimoConfig
 from mimo.train.tools.plan.settings import BYTES, FP32, INT64
@@ -68,6 +69,8 @@ class Shape:
     etp: int
     act_bytes: int
     backend: str
+    window_exchange: str = HALO
+    """``parallel.cp_window_exchange``."""
 
     @property
     def tokens(self) -> int:
@@ -114,9 +117,20 @@ def _core_attention_saved(model: ModelConfig, kind: AttentionType, shape: Shape,
     sink_under_cp = shape.cp > 1 and model.has_sink(kind)  # mimo's attention on either backend (model/specs.py)
     if shape.backend == "te" and not sink_under_cp:
         return qkv + shape.tokens * heads * FP32  # flash attention: q, k, v and the fp32 log-sum-exp
-    # Under context parallelism mimo's attention keeps the all-gathered keys and values of the whole sequence.
-    gathered = shape.tokens * shape.cp * kv * (dk + dv) * b if shape.cp > 1 else 0.0
-    return gathered + _tiled_attention_saved(model, kind, shape, heads)
+    return _received_keys_saved(model, kind, shape) + _tiled_attention_saved(model, kind, shape, heads)
+
+
+def _received_keys_saved(model: ModelConfig, kind: AttentionType, shape: Shape) -> float:
+    """Under context parallelism mimo's attention keeps the keys and values it received: on sliding-window layers
+    with the halo exchange at most the ``window`` before each of its two chunks, otherwise the all-gathered ones
+    of the whole sequence."""
+    if shape.cp == 1:
+        return 0.0
+    token_bytes = model.num_kv_heads(kind) / shape.tp * (model.head_dim + model.v_head_dim) * shape.act_bytes
+    window = model.window(kind)
+    if window is not None and shape.window_exchange == HALO:
+        return shape.batch * 2 * window * token_bytes
+    return shape.tokens * shape.cp * token_bytes
 
 
 def _tiled_attention_saved(model: ModelConfig, kind: AttentionType, shape: Shape, heads: float) -> float:
