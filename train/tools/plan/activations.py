@@ -6,7 +6,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from mimo.model.config import AttentionType, ModelConfig
+from mimo.model.config import SHORT_ATTENTION_SCORES, AttentionType, ModelConfig
+from mimo.parallel.config import HALO
 from mimo.parallel.layout import ResolvedLayout
 from mimo.recipes.schema import MimoConfig
 from mimo.train.tools.plan.settings import BYTES, FP32, INT64
@@ -69,6 +70,8 @@ class Shape:
     etp: int
     act_bytes: int
     backend: str
+    window_exchange: str = HALO
+    """``parallel.cp_window_exchange``."""
 
     @property
     def tokens(self) -> int:
@@ -115,11 +118,26 @@ def _core_attention_saved(model: ModelConfig, kind: AttentionType, shape: Shape,
     sink_under_cp = shape.cp > 1 and model.has_sink(kind)  # mimo's attention on either backend (model/specs.py)
     if shape.backend == "te" and not sink_under_cp:
         return qkv + shape.tokens * heads * FP32  # flash attention: q, k, v and the fp32 log-sum-exp
-    # Under context parallelism mimo's attention keeps the all-gathered keys and values of the whole sequence.
-    gathered = shape.tokens * shape.cp * kv * (dk + dv) * b if shape.cp > 1 else 0.0
+    received = _received_keys_saved(model, kind, shape)
+    # Short calls run dense (SHORT_ATTENTION_SCORES; per-call keys taken as the whole sequence's under cp).
+    if shape.batch * heads * shape.seq * shape.seq * shape.cp > SHORT_ATTENTION_SCORES:
+        return received + _tiled_attention_saved(model, kind, shape, heads)
     if model.window(kind) is None and not model.has_sink(kind):
-        return gathered + _sdpa_math_saved(model, shape, heads)
-    return gathered + _local_window_saved(model, kind, shape, heads)
+        return received + _sdpa_math_saved(model, shape, heads)
+    return received + _local_window_saved(model, kind, shape, heads)
+
+
+def _received_keys_saved(model: ModelConfig, kind: AttentionType, shape: Shape) -> float:
+    """Under context parallelism mimo's attention keeps the keys and values it received: on sliding-window layers
+    with the halo exchange at most the ``window`` before each of its two chunks, otherwise the all-gathered ones
+    of the whole sequence."""
+    if shape.cp == 1:
+        return 0.0
+    token_bytes = model.num_kv_heads(kind) / shape.tp * (model.head_dim + model.v_head_dim) * shape.act_bytes
+    window = model.window(kind)
+    if window is not None and shape.window_exchange == HALO:
+        return shape.batch * 2 * window * token_bytes
+    return shape.tokens * shape.cp * token_bytes
 
 
 def _sdpa_math_saved(model: ModelConfig, shape: Shape, heads: float) -> float:
@@ -131,10 +149,11 @@ def _sdpa_math_saved(model: ModelConfig, shape: Shape, heads: float) -> float:
 
 
 def _local_window_saved(model: ModelConfig, kind: AttentionType, shape: Shape, heads: float) -> float:
-    """mimo's ``sliding_window_attention`` (SWA layers, and global layers with a sink as a window spanning the
-    sequence): per query head the padded queries, the block + window keys and values each block of ``window``
-    queries meets (materialised per query head by the broadcast matmul), and the fp32 softmax over them with
-    the sink column, plus its copy in the activation dtype below fp32; one boolean visibility mask."""
+    """mimo's dense ``sliding_window_attention`` of short calls (SWA layers, and global layers with a sink as a
+    window spanning the sequence): per query head the padded queries, the block + window keys and values each
+    block of ``window`` queries meets (materialised per query head by the broadcast matmul), and the fp32
+    softmax over them with the sink column, plus its copy in the activation dtype below fp32; one boolean
+    visibility mask."""
     seq, window = shape.seq, model.window(kind)
     window = min(seq - 1 if window is None else window, seq - 1)
     block = max(window, 1)
@@ -146,6 +165,16 @@ def _local_window_saved(model: ModelConfig, kind: AttentionType, shape: Shape, h
     if shape.act_bytes < FP32:
         probs += query_blocks * block * span * shape.act_bytes
     return inputs + probs + blocks * block * span * BYTES["bool"]
+
+
+def _tiled_attention_saved(model: ModelConfig, kind: AttentionType, shape: Shape, heads: float) -> float:
+    """mimo's tiled attention (``mimo.model.attention_kernel``) keeps its inputs, the rotated queries and keys and
+    the scaled values (new tensors, next to the fused projection output that RoPE keeps), and with a sink the
+    keys' share of each query row's probability, in at least fp32. Its output is the output projection's input;
+    the backward recomputes the probabilities."""
+    kv = model.num_kv_heads(kind) / shape.tp
+    inputs = shape.tokens * (heads * model.head_dim + kv * (model.head_dim + model.v_head_dim)) * shape.act_bytes
+    return inputs + (shape.tokens * heads * shape.math_bytes if model.has_sink(kind) else 0.0)
 
 
 def _attention_saved(model: ModelConfig, kind: AttentionType, shape: Shape, recompute: Recompute) -> float:
