@@ -58,7 +58,10 @@ CUDA_LITERAL_MODULES = (
     "megatron.core.transformer.moe.moe_utils",  # track_moe_metrics' layer-wise tracker
 )
 """The megatron-core 0.16.1 modules on mimo's paths whose torch.zeros / torch.tensor calls pass device="cuda"
-(found by grepping the installed source and by tracing every placement the test suite makes)."""
+(found by grepping the installed source). Left out, off mimo's paths: transformer/utils.py's default causal mask
+(mimo's attention builds its own), the rerun state machine (disabled), tensor_parallel/data.py's broadcast_data and
+dist_checkpointing/exchange_utils.py (fully parallel strategies, not used). A placement missed here fails loudly:
+the CPU build of torch refuses any CUDA device."""
 
 
 def _place_literal_cuda_tensors_on_cpu() -> None:
