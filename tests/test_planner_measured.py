@@ -323,8 +323,10 @@ def test_deepspeed_flops_profiler_agrees(built_tiny):
     )
     expected = expected_matmul_flops(model_cfg, MICRO_BATCH, SEQ)
     assert 2 * macs == expected
-    # What the convention leaves out (element-wise work) is small next to the products.
-    assert 0 < flops - 2 * macs < 0.01 * flops
+    # What the convention leaves out (element-wise work) is small next to the products. DeepSpeed counts only the
+    # element-wise functions it finds patched at call time; megatron calls the activations it captured at
+    # construction, which DeepSpeed used to see only through the process-wide CUDA->CPU TorchFunctionMode (gone).
+    assert 0 <= flops - 2 * macs < 0.01 * flops
     # Against the accounting's own total, the gap is the masked attention work only.
     accounted = MICRO_BATCH * SEQ * flops_per_token(model_cfg, SEQ).forward
     assert 1 < 2 * macs / accounted < 1.05

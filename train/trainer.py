@@ -27,7 +27,13 @@ from mimo.model.precision import describe_precision_plan
 from mimo.recipes.compose import to_container, to_yaml
 from mimo.recipes.errors import ConfigError
 from mimo.recipes.schema import MimoConfig
-from mimo.train.build import build_training_model, chunk_iterators, run_record, start_runtime
+from mimo.train.build import (
+    build_training_model,
+    chunk_iterators,
+    run_record,
+    start_runtime,
+    use_multi_tensor_adam,
+)
 from mimo.train.checkpoint.manager import CheckpointManager, latest_checkpoint, read_meta
 from mimo.train.config import RUN_CONFIG_FILE
 from mimo.train.expert_load import ExpertLoad
@@ -281,6 +287,7 @@ class Trainer:
         self.faults.begin(number)
         values = self.schedule.at(state.consumed_tokens)
         apply_scheduled(values, self.optimizer, self.model_config, cfg.optim.weight_decay)
+        use_multi_tensor_adam(self.optimizer)
         batching = MicroBatching(
             values.global_batch_size // self.samples_per_microbatch, cfg.train.micro_batch_size, cfg.train.seq_length
         )

@@ -69,9 +69,9 @@ def check_megatron_version() -> None:
 
 def all_patches() -> tuple[Patch, ...]:
     """Every patch, in the order they are applied (device stand-ins before what runs on them)."""
-    from mimo.parallel.megatron_patches import device, moe, optimizer
+    from mimo.parallel.megatron_patches import data_parallel, device, moe, optimizer
 
-    return (*device.PATCHES, *moe.PATCHES, *optimizer.PATCHES)
+    return (*device.PATCHES, *moe.PATCHES, *optimizer.PATCHES, *data_parallel.PATCHES)
 
 
 def wanted_scopes(*, cuda: bool, transformer_engine: bool, fused_adam: bool) -> set[str]:

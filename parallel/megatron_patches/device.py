@@ -2,13 +2,14 @@
 every module at any time, and these stand-ins put all of it on the CPU (see ``mimo.parallel.megatron_patches``)."""
 
 import contextlib
+import functools
+import importlib
 import logging
 import multiprocessing
 from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.overrides import TorchFunctionMode
 
 from mimo.parallel.megatron_patches import Patch
 
@@ -25,24 +26,109 @@ def _names_cuda(device: Any) -> bool:
     return isinstance(device, int) and not isinstance(device, bool)
 
 
-class _CudaToCpuMode(TorchFunctionMode):
-    """Redirects CUDA placements to the CPU for every torch call, wherever megatron makes it."""
+def _placing_on_cpu(factory: Callable) -> Callable:
+    """``factory`` with a device argument naming CUDA replaced by the CPU."""
 
-    def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None):
-        kwargs = kwargs or {}
-        # Module.cuda()/Tensor.cuda() are called on parameters and buffers; the CPU build raises on them.
-        if func is torch.Tensor.cuda:
-            return args[0]
-        # The optimizer and grad clipping check type() == 'torch.cuda.FloatTensor' to pick the fp32 path.
-        if func is torch.Tensor.type and len(args) == 1 and "dtype" not in kwargs:
-            return func(*args, **kwargs).replace("torch.", "torch.cuda.", 1)
-        # Factories receive device=torch.cuda.current_device(), "cuda" or an ordinal.
+    @functools.wraps(factory)
+    def placed(*args: Any, **kwargs: Any) -> torch.Tensor:
         if _names_cuda(kwargs.get("device")):
-            kwargs = {**kwargs, "device": _CPU}
-        # Tensor.to(device, ...) takes the device positionally (an int there is always an ordinal).
-        if func is torch.Tensor.to and len(args) > 1 and _names_cuda(args[1]):
-            args = (args[0], _CPU, *args[2:])
-        return func(*args, **kwargs)
+            kwargs["device"] = _CPU
+        return factory(*args, **kwargs)
+
+    return placed
+
+
+class _TorchWithCpuFactories:
+    """What the name ``torch`` means inside a megatron module that writes ``device="cuda"`` literally: torch
+    itself, except for the factories it calls that way, which place their tensors on the CPU."""
+
+    def __init__(self, factories: tuple[str, ...]) -> None:
+        for name in factories:
+            setattr(self, name, _placing_on_cpu(getattr(torch, name)))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch, name)
+
+
+CUDA_LITERAL_FACTORIES = ("zeros", "tensor")
+CUDA_LITERAL_MODULES = (
+    "megatron.core.optimizer.clip_grads",  # grad norm, clipping, zero counting: every step
+    "megatron.core.optimizer.optimizer",  # found_inf, overflow buffer and loss scale of the optimizers
+    "megatron.core.pipeline_parallel.schedules",  # total_num_tokens of every schedule
+    "megatron.core.transformer.moe.moe_utils",  # track_moe_metrics' layer-wise tracker
+)
+"""The megatron-core 0.16.1 modules on mimo's paths whose torch.zeros / torch.tensor calls pass device="cuda"
+(found by grepping the installed source). Left out, off mimo's paths: transformer/utils.py's default causal mask
+(mimo's attention builds its own), the rerun state machine (disabled), tensor_parallel/data.py's broadcast_data and
+dist_checkpointing/exchange_utils.py (fully parallel strategies, not used). A placement missed here fails loudly:
+the CPU build of torch refuses any CUDA device."""
+
+
+def _place_literal_cuda_tensors_on_cpu() -> None:
+    for module_name in CUDA_LITERAL_MODULES:
+        importlib.import_module(module_name).torch = _TorchWithCpuFactories(CUDA_LITERAL_FACTORIES)
+
+
+_tensor_type = torch.Tensor.type
+
+
+def _type_name_as_on_gpu(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+    """``Tensor.type()`` with the ``torch.cuda.*`` spelling megatron compares against (a conversion is untouched)."""
+    if args or kwargs:
+        return _tensor_type(tensor, *args, **kwargs)
+    return _tensor_type(tensor).replace("torch.", "torch.cuda.", 1)
+
+
+def _already_on_device(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """``Tensor.cuda()`` where the CPU is the device: the tensor is already there."""
+    return tensor
+
+
+def _with_tensor_methods(function: Callable, **methods: Callable) -> Callable:
+    """``function`` running with ``torch.Tensor``'s ``methods`` replaced for the duration of each call only."""
+
+    @functools.wraps(function)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        saved = {name: torch.Tensor.__dict__.get(name) for name in methods}
+        for name, method in methods.items():
+            setattr(torch.Tensor, name, method)
+        try:
+            return function(*args, **kwargs)
+        finally:
+            for name, method in saved.items():
+                if method is None:
+                    delattr(torch.Tensor, name)
+                else:
+                    setattr(torch.Tensor, name, method)
+
+    return wrapped
+
+
+def _spell_type_names_as_cuda() -> None:
+    """The functions that pick a code path by comparing ``param.type()`` with ``'torch.cuda.FloatTensor'`` and
+    friends (and raise on anything else) see the CUDA spelling while they run; every other caller gets torch's."""
+    from megatron.core.optimizer import clip_grads, distrib_optimizer, optimizer
+
+    for owner in (distrib_optimizer.DistributedOptimizer, optimizer.Float16OptimizerWithFloat16Params):
+        owner.__init__ = _with_tensor_methods(owner.__init__, type=_type_name_as_on_gpu)
+    # Called every step (an assert on each gradient's type); optimizer.py imported it by name.
+    clip = _with_tensor_methods(clip_grads.clip_grad_by_total_norm_fp32, type=_type_name_as_on_gpu)
+    clip_grads.clip_grad_by_total_norm_fp32 = optimizer.clip_grad_by_total_norm_fp32 = clip
+
+
+def _keep_cuda_copies_on_cpu() -> None:
+    """The functions that move a tensor with ``.cuda()`` before a collective keep it where it is."""
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    # Pipeline stages sharing the embedding all-reduce it at construction.
+    LanguageModule.setup_embeddings_and_output_layer = _with_tensor_methods(
+        LanguageModule.setup_embeddings_and_output_layer, cuda=_already_on_device
+    )
+    # The optimizer-state gather of a checkpoint save.
+    DistributedOptimizer.get_parameter_state_dp_zero = _with_tensor_methods(
+        DistributedOptimizer.get_parameter_state_dp_zero, cuda=_already_on_device
+    )
 
 
 class _NoOpEvent:
@@ -108,11 +194,6 @@ def _patch_torch_cuda() -> None:
     cuda.get_rng_state = lambda device="cuda": torch.default_generator.get_state()
     cuda.set_rng_state = lambda new_state, device="cuda": torch.default_generator.set_state(new_state)
     cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
-
-
-def _redirect_cuda_placements() -> None:
-    """Entered for the rest of the process: megatron creates CUDA tensors from every module, at any time."""
-    _CudaToCpuMode().__enter__()
 
 
 def _patch_cuda_rng_helpers() -> None:
@@ -207,10 +288,22 @@ PATCHES = (
         _patch_torch_cuda,
     ),
     Patch(
-        "cuda_placements_to_cpu",
+        "cuda_literal_devices",
         "no_cuda",
-        "device='cuda' (or an ordinal), Tensor.cuda() and 'torch.cuda.*' type names work",
-        _redirect_cuda_placements,
+        "torch.zeros/torch.tensor(..., device='cuda') in the optimizer, clipping, schedules and MoE tracker work",
+        _place_literal_cuda_tensors_on_cpu,
+    ),
+    Patch(
+        "cuda_type_names",
+        "no_cuda",
+        "parameters and gradients report type() 'torch.cuda.FloatTensor' (or Half/BFloat16) to the optimizers",
+        _spell_type_names_as_cuda,
+    ),
+    Patch(
+        "cuda_copies",
+        "no_cuda",
+        "Tensor.cuda() works before the embedding all-reduce and the optimizer-state gather",
+        _keep_cuda_copies_on_cpu,
     ),
     Patch(
         "cuda_rng_helpers",
