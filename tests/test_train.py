@@ -2,10 +2,8 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -105,30 +103,6 @@ def test_a_kill_during_save_leaves_the_previous_checkpoint_usable(tmp_path, data
     assert resumed.resumed_from.endswith("step_0000002")
     assert resumed.losses == pytest.approx(uninterrupted.losses[2:], rel=RESUME_TOLERANCE, abs=0)
     assert not (checkpoints / "step_0000004.partial").exists()
-
-
-@pytest.mark.system
-def test_sigterm_checkpoints_and_a_rerun_continues(tmp_path, data_cache):
-    common = ("train.steps=200", "logging.interval=1", "checkpoint.interval=1000")
-    job = launch(tmp_path, data_cache, *common, start_new_session=True)
-    metrics = tmp_path / "metrics.jsonl"
-    deadline = time.monotonic() + 300
-    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
-        assert job.poll() is None and time.monotonic() < deadline, "the job did not start training"
-        time.sleep(0.2)
-    job.send_signal(signal.SIGTERM)
-    output, _ = job.communicate(timeout=300)
-    assert job.returncode == 0, output
-    stopped_at = read_metrics(tmp_path)[-1]["step"]
-    assert 3 <= stopped_at < 200
-    assert (tmp_path / "checkpoints" / "latest").read_text() == f"step_{stopped_at:07d}"
-
-    rerun = launch(tmp_path, data_cache, *common, f"train.stop_after_steps={stopped_at + 2}")
-    output, _ = rerun.communicate(timeout=300)
-    assert rerun.returncode == 0, output
-    assert f"resumed from {tmp_path / 'checkpoints' / f'step_{stopped_at:07d}'}" in output
-    steps = [r["step"] for r in read_metrics(tmp_path)]
-    assert steps == list(range(1, stopped_at + 3))
 
 
 @pytest.mark.system
