@@ -171,14 +171,16 @@ def build_model(
     chunks = [
         MimoGPTModel(
             config=config,
-            transformer_layer_spec=decoder_block_spec(model_cfg, config, backend, vp_stage),
+            transformer_layer_spec=decoder_block_spec(
+                model_cfg, config, backend, vp_stage, parallel_cfg.cp_window_exchange
+            ),
             vocab_size=model_cfg.vocab_size,
             max_sequence_length=seq_length,
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
             post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
             share_embeddings_and_output_weights=False,
             position_embedding_type="none",
-            mtp_block_spec=mtp_block_spec(model_cfg, config, backend, vp_stage),
+            mtp_block_spec=mtp_block_spec(model_cfg, config, backend, vp_stage, parallel_cfg.cp_window_exchange),
             vp_stage=vp_stage,
         )
         for vp_stage in stages

@@ -11,17 +11,18 @@ It mirrors the contract of Transformer Engine's core attention as wrapped by meg
   the CPU and the GPU backends;
 * ``forward(query [s, b, np, dk], key [s, b, ng, dk], value [s, b, ng, dv]) -> [s, b, np * dv]``.
 
-Sliding-window layers never materialise a sequence x sequence matrix: queries are cut into blocks of ``window``
-rows, and each block only meets the ``2 * window`` keys it can see, so time and memory are O(s * window).
+Neither kind of layer materialises a sequence x sequence matrix (``mimo.model.attention_kernel``): global
+attention runs in O(s * tile) memory, sliding-window attention in O(s * window) time and memory.
 
-Under context parallelism a rank holds two chunks of each sequence's queries; it all-gathers keys and values and
-each chunk attends to the keys before it (on sliding-window layers at most ``window`` of them), which is exact.
+Under context parallelism a rank holds two chunks of each sequence's queries, and each chunk attends to the keys
+before it and its own: on sliding-window layers the ``window`` keys before it, received from the ranks holding
+them (``halo_exchange``, or an all-gather with ``cp_comm_type="allgather"``), on global layers all of them
+(all-gathered). Both are exact.
 """
 
 import math
 
 import torch
-import torch.nn.functional as F
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.enums import AttnMaskType
@@ -33,7 +34,13 @@ from megatron.core.transformer.utils import (
 )
 from megatron.core.utils import divide, get_pg_rank, get_pg_size
 
-from mimo.parallel.context_parallel import gather_in_sequence_order, load_balanced_chunks
+from mimo.model.attention_kernel import attention
+from mimo.parallel.config import ALLGATHER, HALO
+from mimo.parallel.context_parallel import gather_in_sequence_order, halo_exchange
+from mimo.parallel.sequence_chunks import load_balanced_chunks
+
+KeySpan = tuple[torch.Tensor, torch.Tensor, int]
+"""Keys [b, groups, past + chunk, dk], values [b, groups, past + chunk, dv] of one chunk of queries, and ``past``."""
 
 SINK_SOFTMAX_TYPE = "learnable"
 """megatron/TE's name for a softmax whose denominator gains exp(sink_h): the MiMo attention sink."""
@@ -54,50 +61,14 @@ def sliding_window_attention(
     Shapes: query [b, h, s, dk], key [b, g, past + s, dk], value [b, g, past + s, dv] with h a multiple of g
     (query head j uses KV head j // (h / g)); sink [h] or None; returns [b, h, s, dv]. The first ``past`` keys
     precede the first query (context parallelism hands a rank's chunk of queries the keys before it); at most
-    ``window`` of them can be seen, so callers pass no more.
-
-    Queries are processed in blocks of ``window`` rows; block n (rows n*B .. n*B + B - 1) needs keys
-    n*B - window .. n*B + B - 1, i.e. one ``unfold`` window of B + window keys over the left-padded keys.
-    The sink enters as one extra logit column per row (not scaled, no value), dropped after the softmax, so
-    the weights on real keys sum to less than one.
+    ``window`` of them can be seen, so callers pass no more. The sink is one more logit per row (not scaled, no
+    value), so the weights on real keys sum to less than one.
     """
-    batch, heads, seq, head_dim = query.shape
-    groups, value_dim = key.shape[1], value.shape[-1]
-    if key.shape[2] != past + seq or not 0 <= past <= window:
+    if not 0 <= past <= window:
         raise ValueError(
-            f"sliding_window_attention got {key.shape[2]} keys for {seq} queries with past={past} and"
-            f" window={window}; pass past + seq keys with 0 <= past <= window"
+            f"sliding_window_attention got {past} past keys with window={window}; pass 0 <= past <= window"
         )
-    # A window reaching past the first key is plain causal attention; clamping keeps the blocks small.
-    window = min(window, past + seq - 1)
-    block = max(window, 1)
-    num_blocks = math.ceil(seq / block)
-    padded = num_blocks * block
-    span = block + window
-
-    queries = F.pad(query, (0, 0, 0, padded - seq)).view(batch, groups, heads // groups, num_blocks, block, head_dim)
-    key_padding = (0, 0, window - past, padded - seq)
-    keys = F.pad(key, key_padding).unfold(2, span, block)  # [b, g, nb, dk, span]
-    values = F.pad(value, key_padding).unfold(2, span, block)  # [b, g, nb, dv, span]
-
-    scores = torch.matmul(queries, keys.unsqueeze(2)) * scale  # [b, g, h/g, nb, block, span]
-    query_pos = torch.arange(padded, device=query.device).view(num_blocks, block, 1)
-    key_pos = (
-        torch.arange(num_blocks, device=query.device).view(num_blocks, 1, 1) * block
-        - window
-        + torch.arange(span, device=query.device).view(1, 1, span)
-    )
-    visible = (key_pos <= query_pos) & (key_pos >= query_pos - window) & (key_pos >= -past)
-    scores = scores.masked_fill(~visible, float("-inf"))
-    if sink is not None:
-        sink_logits = sink.to(scores.dtype).view(1, groups, heads // groups, 1, 1, 1)
-        scores = torch.cat([scores, sink_logits.expand(*scores.shape[:-1], 1)], dim=-1)
-    # At least FP32 for the softmax, whatever the input precision.
-    probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32))
-    if sink is not None:
-        probs = probs[..., :-1]
-    out = torch.matmul(probs.to(value.dtype), values.transpose(-1, -2).unsqueeze(2))  # [b, g, h/g, nb, block, dv]
-    return out.reshape(batch, heads, padded, value_dim)[:, :, :seq]
+    return attention(query, key, value, scale=scale, window=window, sink=sink, past=past)
 
 
 def causal_attention(
@@ -109,20 +80,9 @@ def causal_attention(
     sink: torch.Tensor | None = None,
     past: int = 0,
 ) -> torch.Tensor:
-    """Full causal attention, shapes as in ``sliding_window_attention`` (``past`` keys precede the queries).
-
-    Without a sink this is torch's fused SDPA. A sink needs the extra logit column SDPA cannot take, so it runs
-    as a window spanning all keys (global attention is O(s^2) either way; the released model has no sinks on
-    global layers).
-    """
-    seq = query.shape[2]
-    if sink is not None:
-        return sliding_window_attention(query, key, value, window=past + seq - 1, scale=scale, sink=sink, past=past)
-    if past == 0:
-        return F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scale, enable_gqa=True)
-    # SDPA's is_causal aligns the first query with the first key; here query i sits at key position past + i.
-    visible = torch.arange(past + seq, device=query.device) <= past + torch.arange(seq, device=query.device)[:, None]
-    return F.scaled_dot_product_attention(query, key, value, attn_mask=visible, scale=scale, enable_gqa=True)
+    """Full causal attention, shapes as in ``sliding_window_attention`` (``past`` keys precede the queries), in
+    O(seq * tile) memory with or without a sink."""
+    return attention(query, key, value, scale=scale, sink=sink, past=past)
 
 
 class LocalCoreAttention(MegatronModule):
@@ -130,8 +90,9 @@ class LocalCoreAttention(MegatronModule):
     layers with a sink under context parallelism on either backend (see ``mimo.model.specs``).
 
     The constructor takes TEDotProductAttention's arguments so one attention spec works with either backend;
-    ``attention_type``, ``k_channels``, ``v_channels`` and ``cp_comm_type`` need no action here (shapes come with
-    the tensors; context parallelism always all-gathers keys and values, see ``forward``).
+    ``attention_type``, ``k_channels`` and ``v_channels`` need no action here (shapes come with the tensors).
+    ``cp_comm_type`` is how a sliding-window layer gets its keys under context parallelism: "halo" (None
+    defaults to it) or "allgather"; global layers always all-gather.
     """
 
     def __init__(
@@ -167,6 +128,12 @@ class LocalCoreAttention(MegatronModule):
         self.window = None if config.window_size is None else config.window_size[0]
         if config.window_size is not None and config.window_size[1] != 0:
             raise ValueError(f"window_size={config.window_size}: only causal windows (left, 0) are supported")
+        if cp_comm_type not in (None, HALO, ALLGATHER) or (cp_comm_type == HALO and self.window is None):
+            raise ValueError(
+                f"cp_comm_type={cp_comm_type!r}: mimo's core attention exchanges keys under context parallelism by"
+                f" '{HALO}' (sliding-window layers) or '{ALLGATHER}'"
+            )
+        self.halo = self.window is not None and cp_comm_type != ALLGATHER
         if config.softmax_type == SINK_SOFTMAX_TYPE:
             heads = divide(config.num_attention_heads, get_pg_size(self.tp_group))
             device = "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
@@ -192,11 +159,9 @@ class LocalCoreAttention(MegatronModule):
         seq, batch = query.shape[:2]
         cp = get_pg_size(self.cp_group)
         if cp > 1:
-            out = self._context_parallel(query, key, value, cp)
-        else:
-            q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, dim]
-            out = self._attend(q, k, v, past=0)
-        return out.permute(2, 0, 1, 3).reshape(seq, batch, -1)
+            return self._context_parallel(query, key, value).reshape(seq, batch, -1)
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, dim]
+        return self._attend(q, k, v, past=0).permute(2, 0, 1, 3).reshape(seq, batch, -1)
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int) -> torch.Tensor:
         if self.window is None:
@@ -205,32 +170,47 @@ class LocalCoreAttention(MegatronModule):
             q, k, v, window=self.window, scale=self.softmax_scale, sink=self.softmax_offset, past=past
         )
 
-    def _context_parallel(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cp: int) -> torch.Tensor:
-        """This rank's queries hold two of the sequence's 2 * cp chunks (``load_balanced_chunks``): gather every
-        rank's keys and values into sequence order and let each local chunk meet the keys before and in it (at
-        most ``window`` before it on sliding-window layers). The gather's backward sums the key/value gradients
-        of all ranks' queries, so the result and its gradients equal the unsplit attention's.
+    def _context_parallel(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """This rank's queries hold two of the sequence's 2 * cp chunks (``load_balanced_chunks``); each meets the
+        keys it can see before it and its own, so the result and its gradients equal the unsplit attention's.
+        Returns [s_local, b, heads, dv]."""
+        chunk = query.shape[0] // 2
+        spans = self._halo_spans(key, value, chunk) if self.halo else self._gathered_spans(key, value, chunk)
+        outputs = [
+            self._attend(query[index * chunk : (index + 1) * chunk].permute(1, 2, 0, 3), keys, values, past)
+            for index, (keys, values, past) in enumerate(spans)
+        ]
+        return torch.cat([out.permute(2, 0, 1, 3) for out in outputs])
+
+    def _halo_spans(self, key: torch.Tensor, value: torch.Tensor, chunk: int) -> list[KeySpan]:
+        """Keys and values [b, groups, past + chunk, dim] of each local chunk: the ``window`` before it, received
+        from the ranks holding them (keys and values in one message), then its own; and ``past``.
+
+        Memory: this rank's keys and values and 2 * window more, per sliding-window layer."""
+        key_dim = key.shape[-1]
+        local = torch.cat([key, value], dim=-1)
+        spans = []
+        for index, halo in enumerate(halo_exchange(local, self.window, self.cp_group)):
+            span = torch.cat([halo, local[index * chunk : (index + 1) * chunk]]).permute(1, 2, 0, 3)
+            spans.append((span[..., :key_dim], span[..., key_dim:], halo.shape[0]))
+        return spans
+
+    def _gathered_spans(self, key: torch.Tensor, value: torch.Tensor, chunk: int) -> list[KeySpan]:
+        """Keys and values of each local chunk cut from every rank's, all-gathered in sequence order: all those
+        before it (at most ``window`` on sliding-window layers) and its own; and ``past``. The gather's backward
+        sums the key/value gradients of all ranks' queries.
 
         Memory: keys and values of the whole sequence for this rank's KV heads, as Transformer Engine's
-        all-gather mode; queries, scores and outputs stay local.
-        """
-        keys, values = (gather_in_sequence_order(t, self.cp_group) for t in (key, value))
-        q = query.permute(1, 2, 0, 3)  # [b, heads, s_local, dim]
-        k, v = (t.permute(1, 2, 0, 3) for t in (keys, values))  # [b, groups, s, dim]
-        chunk = query.shape[0] // 2
-        outputs = []
-        for local, chunk_id in enumerate(load_balanced_chunks(get_pg_rank(self.cp_group), cp)):
+        all-gather mode."""
+        keys, values = (gather_in_sequence_order(t, self.cp_group).permute(1, 2, 0, 3) for t in (key, value))
+        spans = []
+        for chunk_id in load_balanced_chunks(get_pg_rank(self.cp_group), get_pg_size(self.cp_group)):
             start = chunk_id * chunk
             first_key = 0 if self.window is None else max(0, start - self.window)
-            outputs.append(
-                self._attend(
-                    q[:, :, local * chunk : (local + 1) * chunk],
-                    k[:, :, first_key : start + chunk],
-                    v[:, :, first_key : start + chunk],
-                    past=start - first_key,
-                )
+            spans.append(
+                (keys[:, :, first_key : start + chunk], values[:, :, first_key : start + chunk], start - first_key)
             )
-        return torch.cat(outputs, dim=2)
+        return spans
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
         """The sink holds this rank's heads: shard it along dim 0 over tensor parallelism (as TE's wrapper does)."""

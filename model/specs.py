@@ -44,6 +44,7 @@ from mimo.model.fp8_modules import (
 )
 from mimo.model.norm import RMSNorm
 from mimo.model.precision import Gemm, PrecisionPlan, precision_plan
+from mimo.parallel.config import ALLGATHER, HALO
 
 NO_FP8 = precision_plan(PrecisionConfig(), use_te=False)
 
@@ -108,35 +109,52 @@ def backend_modules(use_te: bool, plan: PrecisionPlan = NO_FP8) -> BackendModule
     return BackendModules(provider=LocalSpecProvider(), norm=RMSNorm, core_attention=LocalCoreAttention, plan=plan)
 
 
-CP_COMM_TYPE = "p2p"
-"""Transformer Engine's context parallelism for layers without a sink: a ring passing key/value chunks."""
+TE_CP_COMM_TYPE = "p2p"
+"""Transformer Engine's context parallelism for layers without a sink or window: a ring passing key/value
+chunks."""
 
 
 def core_attention_module(backend: BackendModules, geometry: AttentionGeometry, context_parallel: bool) -> type:
-    """Under context parallelism, layers with a sink run mimo's core attention on either backend.
+    """Under context parallelism, sliding-window layers and layers with a sink run mimo's core attention on either
+    backend.
 
     Transformer Engine takes a sink under context parallelism only in its all-to-all mode, which splits heads
     over the context-parallel ranks: tp * cp would have to divide the 8 KV heads, which rules out the long-context
-    layouts (tp 4, cp 8). mimo's core attention all-gathers keys and values and is exact for sinks and windows
-    under any cp, and the sink layers are the 128-token-window layers, whose O(s * window) attention is a small
-    share of the step next to the global layers (which keep Transformer Engine's ring).
+    layouts (tp 4, cp 8). mimo's core attention is exact for sinks and windows under any cp and needs only the
+    ``window`` keys before each chunk on sliding-window layers (``parallel.cp_window_exchange``); their
+    O(s * window) attention is a small share of the step next to the global layers (which keep Transformer
+    Engine's ring).
     """
-    if context_parallel and geometry.sink:
+    if context_parallel and (geometry.sink or geometry.window is not None):
         return LocalCoreAttention
     return backend.core_attention
 
 
+def cp_comm_type(core_attention: type, geometry: AttentionGeometry, window_exchange: str | None) -> str:
+    """How a layer's core attention exchanges keys and values under context parallelism: Transformer Engine's
+    ring, or in mimo's attention the window's halo (sliding-window layers, unless ``window_exchange`` asks for
+    an all-gather) or an all-gather."""
+    if core_attention is not LocalCoreAttention:
+        return TE_CP_COMM_TYPE
+    return HALO if geometry.window is not None and window_exchange == HALO else ALLGATHER
+
+
 def attention_spec(
-    cfg: ModelConfig, kind: AttentionType, backend: BackendModules, context_parallel: bool
+    cfg: ModelConfig, kind: AttentionType, backend: BackendModules, window_exchange: str | None
 ) -> ModuleSpec:
-    """``cp_comm_type`` matters only to Transformer Engine's core attention; mimo's ignores it."""
+    """``window_exchange``: ``parallel.cp_window_exchange`` under context parallelism, None without."""
     geometry = AttentionGeometry.for_layer(cfg, kind)
+    core_attention = core_attention_module(backend, geometry, window_exchange is not None)
     return ModuleSpec(
         module=MimoAttention,
-        params={"attn_mask_type": AttnMaskType.causal, "geometry": geometry, "cp_comm_type": CP_COMM_TYPE},
+        params={
+            "attn_mask_type": AttnMaskType.causal,
+            "geometry": geometry,
+            "cp_comm_type": cp_comm_type(core_attention, geometry, window_exchange),
+        },
         submodules=MimoAttentionSubmodules(
             linear_qkv=backend.column_parallel_linear(Gemm.QKV),
-            core_attention=core_attention_module(backend, geometry, context_parallel),
+            core_attention=core_attention,
             linear_proj=backend.row_parallel_linear(Gemm.OUT_PROJ),
         ),
     )
@@ -162,14 +180,15 @@ def moe_spec(cfg: ModelConfig, backend: BackendModules) -> ModuleSpec:
 
 
 def transformer_layer_spec(
-    cfg: ModelConfig, kind: AttentionType, moe: bool, backend: BackendModules, context_parallel: bool = False
+    cfg: ModelConfig, kind: AttentionType, moe: bool, backend: BackendModules, window_exchange: str | None = None
 ) -> ModuleSpec:
-    """One pre-norm layer: norm, attention of ``kind``, residual, norm, dense or MoE FFN, residual."""
+    """One pre-norm layer: norm, attention of ``kind``, residual, norm, dense or MoE FFN, residual.
+    ``window_exchange``: as in ``attention_spec``."""
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
             input_layernorm=backend.norm,
-            self_attention=attention_spec(cfg, kind, backend, context_parallel),
+            self_attention=attention_spec(cfg, kind, backend, window_exchange),
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=backend.norm,
             mlp=moe_spec(cfg, backend) if moe else dense_mlp_spec(backend),
@@ -178,27 +197,36 @@ def transformer_layer_spec(
     )
 
 
-def decoder_layer_specs(cfg: ModelConfig, backend: BackendModules, context_parallel: bool = False) -> list[ModuleSpec]:
+def decoder_layer_specs(
+    cfg: ModelConfig, backend: BackendModules, window_exchange: str | None = None
+) -> list[ModuleSpec]:
     """Specs of all decoder layers, in order."""
     return [
-        transformer_layer_spec(cfg, kind, cfg.is_moe(layer), backend, context_parallel)
+        transformer_layer_spec(cfg, kind, cfg.is_moe(layer), backend, window_exchange)
         for layer, kind in enumerate(cfg.layer_types())
     ]
 
 
+def _window_exchange(config: TransformerConfig, cp_window_exchange: str) -> str | None:
+    return cp_window_exchange if config.context_parallel_size > 1 else None
+
+
 def decoder_block_spec(
-    cfg: ModelConfig, config: TransformerConfig, backend: BackendModules, vp_stage: int | None = None
+    cfg: ModelConfig,
+    config: TransformerConfig,
+    backend: BackendModules,
+    vp_stage: int | None = None,
+    cp_window_exchange: str = HALO,
 ) -> TransformerBlockSubmodules:
-    """The layers this pipeline (and virtual pipeline) stage builds, sliced with megatron's own stage split."""
+    """The layers this pipeline (and virtual pipeline) stage builds, sliced with megatron's own stage split.
+    ``cp_window_exchange``: ``parallel.cp_window_exchange``, used under context parallelism."""
     offset = get_transformer_layer_offset(config, vp_stage=vp_stage)
     count = get_num_layers_to_build(config, vp_stage=vp_stage)
-    return TransformerBlockSubmodules(
-        layer_specs=decoder_layer_specs(cfg, backend, config.context_parallel_size > 1)[offset : offset + count],
-        layer_norm=backend.norm,
-    )
+    layer_specs = decoder_layer_specs(cfg, backend, _window_exchange(config, cp_window_exchange))
+    return TransformerBlockSubmodules(layer_specs=layer_specs[offset : offset + count], layer_norm=backend.norm)
 
 
-def mtp_layer_spec(cfg: ModelConfig, backend: BackendModules, context_parallel: bool = False) -> ModuleSpec:
+def mtp_layer_spec(cfg: ModelConfig, backend: BackendModules, window_exchange: str | None = None) -> ModuleSpec:
     """One MTP block: enorm/hnorm, eh_proj over [embedding; hidden], a dense-FFN SWA layer, final norm.
 
     megatron's default MTP spec reuses the decoder's last layer (MoE here); MiMo's MTP layer is sliding-window
@@ -211,7 +239,7 @@ def mtp_layer_spec(cfg: ModelConfig, backend: BackendModules, context_parallel: 
             hnorm=backend.norm,
             eh_proj=backend.column_parallel_linear(Gemm.MTP_PROJ),
             transformer_layer=transformer_layer_spec(
-                cfg, AttentionType.SLIDING, moe=False, backend=backend, context_parallel=context_parallel
+                cfg, AttentionType.SLIDING, moe=False, backend=backend, window_exchange=window_exchange
             ),
             layer_norm=backend.norm,
         ),
@@ -219,14 +247,19 @@ def mtp_layer_spec(cfg: ModelConfig, backend: BackendModules, context_parallel: 
 
 
 def mtp_block_spec(
-    cfg: ModelConfig, config: TransformerConfig, backend: BackendModules, vp_stage: int | None = None
+    cfg: ModelConfig,
+    config: TransformerConfig,
+    backend: BackendModules,
+    vp_stage: int | None = None,
+    cp_window_exchange: str = HALO,
 ) -> MultiTokenPredictionBlockSubmodules | None:
-    """The MTP blocks this stage builds (all of them on the last stage), or None."""
+    """The MTP blocks this stage builds (all of them on the last stage), or None. ``cp_window_exchange``: as in
+    ``decoder_block_spec``."""
     if not cfg.mtp_num_layers:
         return None
     count = get_mtp_num_layers_to_build(config, vp_stage=vp_stage)
     if count == 0:
         return None
     offset = get_mtp_layer_offset(config, vp_stage=vp_stage)
-    specs = [mtp_layer_spec(cfg, backend, config.context_parallel_size > 1)] * cfg.mtp_num_layers
+    specs = [mtp_layer_spec(cfg, backend, _window_exchange(config, cp_window_exchange))] * cfg.mtp_num_layers
     return MultiTokenPredictionBlockSubmodules(layer_specs=specs[offset : offset + count])

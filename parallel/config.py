@@ -2,6 +2,9 @@
 
 from dataclasses import dataclass
 
+HALO, ALLGATHER = "halo", "allgather"
+CP_WINDOW_EXCHANGES = (HALO, ALLGATHER)
+
 
 @dataclass
 class ParallelConfig:
@@ -17,6 +20,11 @@ class ParallelConfig:
     """Tensor-parallel degree inside each expert."""
     cp: int = 1
     """Context-parallel degree (sequence split across ranks)."""
+    cp_window_exchange: str = HALO
+    """How sliding-window layers get the keys and values their queries see under cp > 1: "halo" (each chunk
+    receives the ``window`` tokens before it from the ranks holding them, point to point) or "allgather" (every
+    rank's, as global layers on the local backend). Both are exact; halo moves O(window) tokens instead of
+    O(seq)."""
     sequence_parallel: bool | None = None
     """None turns it on exactly when tp > 1 (megatron-core needs it for TP with MoE)."""
     distributed_optimizer: bool = True

@@ -9,7 +9,7 @@ change.
 from dataclasses import dataclass
 
 from mimo.model.config import ModelConfig
-from mimo.parallel.config import ParallelConfig
+from mimo.parallel.config import CP_WINDOW_EXCHANGES, ParallelConfig
 from mimo.recipes.errors import MimoError
 
 
@@ -106,6 +106,11 @@ def _check_degrees(parallel: ParallelConfig, world_size: int) -> None:
             raise LayoutError(f"parallel.{key}={value} must be at least 1 (1 means no {key} parallelism)")
     if parallel.vpp is not None and parallel.vpp < 1:
         raise LayoutError(f"parallel.vpp={parallel.vpp} must be at least 1, or null for no interleaving")
+    if parallel.cp_window_exchange not in CP_WINDOW_EXCHANGES:
+        raise LayoutError(
+            f"parallel.cp_window_exchange={parallel.cp_window_exchange!r} is not one of"
+            f" {', '.join(CP_WINDOW_EXCHANGES)}"
+        )
 
 
 def _check_sequence_split(parallel: ParallelConfig, sequence_parallel: bool, seq_length: int) -> None:

@@ -147,17 +147,29 @@ def test_expert_all_to_all_volume(stage1):
     assert ep.between_nodes == pytest.approx(8 / 15)  # 8 of 15 peers on the other node
 
 
-def test_context_parallel_exchange_volume():
-    """Stage 3 on 256 GPUs (tp 4, pp 8 of 6 layers, cp 8, full recomputation): every attention layer brings in the
-    keys and values of the 7 other ranks' 32K tokens in each of its 2 forwards and twice in the backward; the last
-    stage (layers 42-47 and the SWA MTP block) sends the most."""
-    cfg = load_config(["cluster=h100_256"], config_name="mimo_v2_flash_stage3")
+@pytest.mark.parametrize("exchange", ["halo", "allgather"])
+def test_context_parallel_exchange_volume(exchange):
+    """Stage 3 on 256 GPUs (tp 4, pp 8 of 6 layers, cp 8 of chunks of 16K tokens, full recomputation, micro-batch
+    1). Global layers bring in the keys and values of the 7 other ranks' 32K tokens in each of their 2 forwards
+    and twice in the backward. Sliding-window layers (window 128) with the halo exchange: a middle rank sends the
+    last 128 tokens of each of its two chunks in each forward and receives them both back as gradients in the
+    backward (the two end ranks half that); with the all-gather they count as global layers. The busiest stage
+    sends: the last (layers 42-47 and the SWA MTP block) with the all-gather, the first (layers 0-5, two of them
+    global) with the halo."""
+    cfg = load_config(
+        ["cluster=h100_256", f"parallel.cp_window_exchange={exchange}"], config_name="mimo_v2_flash_stage3"
+    )
     layout = resolve_layout(cfg, 256)
     cp = {t.kind: t for t in communication(cfg, layout, GPUS["h100"])}["CP attention exchange"]
-    tokens, width = 262_144 // 8, 192 + 128
+    tokens, width, window = 262_144 // 8, 192 + 128, 128
     kv_heads = {"full_attention": 4 // TP, "sliding_attention": 8 // TP}
-    last_stage = [kind.value for kind in cfg.model.layer_types()[42:]] + ["sliding_attention"]
-    per_micro_batch = sum(tokens * kv_heads[kind] * width * B * 7 * (2 + 2) for kind in last_stage)
+    sent_tokens = {"full_attention": tokens * 7 * (2 + 2), "sliding_attention": tokens * 7 * (2 + 2)}
+    if exchange == "halo":
+        sent_tokens["sliding_attention"] = 2 * window * (2 + 1)
+    kinds = [kind.value for kind in cfg.model.layer_types()]
+    busiest = kinds[:6] if exchange == "halo" else kinds[42:] + ["sliding_attention"]
+    assert busiest.count("full_attention") == (2 if exchange == "halo" else 1)
+    per_micro_batch = sum(sent_tokens[kind] * kv_heads[kind] * width * B for kind in busiest)
     assert cp.group_size == 8 and cp.bytes == round(256 * per_micro_batch)  # 256 micro-batches per step
     assert cp.between_nodes == pytest.approx(6 / 7)  # tp 4 x cp 8 spans 4 nodes: 2 of 8 cp ranks per node
 

@@ -2,11 +2,11 @@
 SwiGLU and RoPE, its router and token permutation, and the attention backend), under the configured
 recomputation and the 1F1B schedule's in-flight micro-batches."""
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from mimo.model.config import AttentionType, ModelConfig
+from mimo.parallel.config import HALO
 from mimo.parallel.layout import ResolvedLayout
 from mimo.recipes.schema import MimoConfig
 from mimo.train.tools.plan.settings import BYTES, FP32, INT64
@@ -69,6 +69,8 @@ class Shape:
     etp: int
     act_bytes: int
     backend: str
+    window_exchange: str = HALO
+    """``parallel.cp_window_exchange``."""
 
     @property
     def tokens(self) -> int:
@@ -115,37 +117,30 @@ def _core_attention_saved(model: ModelConfig, kind: AttentionType, shape: Shape,
     sink_under_cp = shape.cp > 1 and model.has_sink(kind)  # mimo's attention on either backend (model/specs.py)
     if shape.backend == "te" and not sink_under_cp:
         return qkv + shape.tokens * heads * FP32  # flash attention: q, k, v and the fp32 log-sum-exp
-    # Under context parallelism mimo's attention keeps the all-gathered keys and values of the whole sequence.
-    gathered = shape.tokens * shape.cp * kv * (dk + dv) * b if shape.cp > 1 else 0.0
-    if model.window(kind) is None and not model.has_sink(kind):
-        return gathered + _sdpa_math_saved(model, shape, heads)
-    return gathered + _local_window_saved(model, kind, shape, heads)
+    return _received_keys_saved(model, kind, shape) + _tiled_attention_saved(model, kind, shape, heads)
 
 
-def _sdpa_math_saved(model: ModelConfig, shape: Shape, heads: float) -> float:
-    """torch SDPA on CPU, called with enable_gqa as mimo's causal attention does, runs its math path in at least
-    fp32: it keeps the scaled queries, the keys and values expanded to every query head, and the seq x seq
-    softmax."""
-    positions = shape.batch * heads * shape.seq
-    return positions * (2 * model.head_dim + model.v_head_dim + shape.seq) * shape.math_bytes
+def _received_keys_saved(model: ModelConfig, kind: AttentionType, shape: Shape) -> float:
+    """Under context parallelism mimo's attention keeps the keys and values it received: on sliding-window layers
+    with the halo exchange at most the ``window`` before each of its two chunks, otherwise the all-gathered ones
+    of the whole sequence."""
+    if shape.cp == 1:
+        return 0.0
+    token_bytes = model.num_kv_heads(kind) / shape.tp * (model.head_dim + model.v_head_dim) * shape.act_bytes
+    window = model.window(kind)
+    if window is not None and shape.window_exchange == HALO:
+        return shape.batch * 2 * window * token_bytes
+    return shape.tokens * shape.cp * token_bytes
 
 
-def _local_window_saved(model: ModelConfig, kind: AttentionType, shape: Shape, heads: float) -> float:
-    """mimo's ``sliding_window_attention`` (SWA layers, and global layers with a sink as a window spanning the
-    sequence): per query head the padded queries, the block + window keys and values each block of ``window``
-    queries meets (materialised per query head by the broadcast matmul), and the fp32 softmax over them with
-    the sink column, plus its copy in the activation dtype below fp32; one boolean visibility mask."""
-    seq, window = shape.seq, model.window(kind)
-    window = min(seq - 1 if window is None else window, seq - 1)
-    block = max(window, 1)
-    blocks = math.ceil(seq / block)
-    span = block + window
-    query_blocks = shape.batch * heads * blocks
-    inputs = query_blocks * (block * model.head_dim + span * (model.head_dim + model.v_head_dim)) * shape.act_bytes
-    probs = query_blocks * block * (span + (1 if model.has_sink(kind) else 0)) * FP32
-    if shape.act_bytes < FP32:
-        probs += query_blocks * block * span * shape.act_bytes
-    return inputs + probs + blocks * block * span * BYTES["bool"]
+def _tiled_attention_saved(model: ModelConfig, kind: AttentionType, shape: Shape, heads: float) -> float:
+    """mimo's tiled attention (``mimo.model.attention_kernel``) keeps its inputs, the rotated queries and keys and
+    the scaled values (new tensors, next to the fused projection output that RoPE keeps), and with a sink the
+    keys' share of each query row's probability, in at least fp32. Its output is the output projection's input;
+    the backward recomputes the probabilities."""
+    kv = model.num_kv_heads(kind) / shape.tp
+    inputs = shape.tokens * (heads * model.head_dim + kv * (model.head_dim + model.v_head_dim)) * shape.act_bytes
+    return inputs + (shape.tokens * heads * shape.math_bytes if model.has_sink(kind) else 0.0)
 
 
 def _attention_saved(model: ModelConfig, kind: AttentionType, shape: Shape, recompute: Recompute) -> float:

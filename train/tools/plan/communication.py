@@ -2,8 +2,10 @@
 
 from dataclasses import dataclass
 
-from mimo.model.config import AttentionType, ModelConfig
+from mimo.model.config import AttentionType
+from mimo.parallel.config import HALO
 from mimo.parallel.layout import ResolvedLayout
+from mimo.parallel.sequence_chunks import halo_tokens_sent
 from mimo.recipes.schema import MimoConfig
 from mimo.train.tools.plan.activations import recompute_of, selective
 from mimo.train.tools.plan.parameters import stage_params
@@ -23,16 +25,30 @@ class Traffic:
     seconds: float
 
 
-def _context_parallel_bytes(
-    model: ModelConfig, kind: AttentionType, tokens: float, layout: ResolvedLayout, act_bytes: int, forwards: int
-) -> float:
-    """Bytes one rank sends for one layer's attention under context parallelism, over a step's passes of one
-    micro-batch. Either way the keys and values of every other rank's tokens come in (Transformer Engine's ring
-    on global layers, mimo's all-gather on sink layers) in each forward, and in the backward again (ring) or
-    their gradients go back (reduce-scatter), plus the key/value gradients of the ring: counted as two passes."""
-    kv_heads = model.num_kv_heads(kind) / layout.tp
-    key_values = tokens * kv_heads * (model.head_dim + model.v_head_dim) * act_bytes * (layout.cp - 1)
-    return key_values * (forwards + 2)
+def context_parallel_bytes(cfg: MimoConfig, kind: AttentionType, layout: ResolvedLayout, forwards: int) -> float:
+    """Bytes the busiest rank sends for one layer's attention under context parallelism, over a step's passes of
+    one micro-batch.
+
+    Sliding-window layers with the halo exchange (``parallel.cp_window_exchange``, mimo's core attention on either
+    backend): the ``window`` tokens' keys and values after each of its chunks whose successor is on another rank,
+    in each forward, and their gradients back in the backward (``halo_tokens_sent``, what the exchange sends).
+    Otherwise the keys and values of every other rank's tokens come in (Transformer Engine's ring on global
+    layers, mimo's all-gather) in each forward, and in the backward again (ring) or their gradients go back
+    (reduce-scatter), plus the key/value gradients of the ring: counted as two passes."""
+    model, train = cfg.model, cfg.train
+    token_bytes = model.num_kv_heads(kind) / layout.tp * (model.head_dim + model.v_head_dim)
+    token_bytes *= BYTES[cfg.precision.dtype]
+    window = model.window(kind)
+    if window is not None and cfg.parallel.cp_window_exchange == HALO:
+        chunk = train.seq_length // (2 * layout.cp)
+        tokens = max(
+            forwards * halo_tokens_sent(layout.cp, chunk, window, rank)
+            + halo_tokens_sent(layout.cp, chunk, window, rank, backward=True)
+            for rank in range(layout.cp)
+        )
+        return train.micro_batch_size * tokens * token_bytes
+    own_tokens = train.micro_batch_size * train.seq_length / layout.cp  # sent to each of the cp - 1 others
+    return own_tokens * (layout.cp - 1) * token_bytes * (forwards + 2)
 
 
 def communication(cfg: MimoConfig, layout: ResolvedLayout, gpu: GpuSpec) -> tuple[Traffic, ...]:
@@ -68,8 +84,7 @@ def communication(cfg: MimoConfig, layout: ResolvedLayout, gpu: GpuSpec) -> tupl
     attention_kinds = [[kinds[layer] for layer in layers] for layers in per_rank]
     attention_kinds[-1] += [AttentionType.SLIDING] * model.mtp_num_layers  # the MTP blocks' attention
     cp_volume = max(
-        sum(_context_parallel_bytes(model, kind, full_tokens, layout, act_bytes, forwards) for kind in stage)
-        for stage in attention_kinds
+        sum(context_parallel_bytes(cfg, kind, layout, forwards) for kind in stage) for stage in attention_kinds
     )
     cp_same_node = min(layout.cp, max(1, gpu.gpus_per_node // layout.tp))  # megatron puts cp right after tp
     cp_between = (layout.cp - cp_same_node) / (layout.cp - 1) if layout.cp > 1 else 0.0

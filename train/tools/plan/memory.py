@@ -125,6 +125,7 @@ def estimate_memory(
         etp=layout.etp,
         act_bytes=param_bytes,
         backend=settings.backend,
+        window_exchange=cfg.parallel.cp_window_exchange,
     )
     stages = []
     for rank in range(layout.pp):
