@@ -26,6 +26,13 @@ class AttentionType(str, Enum):
 GA_PATTERN_PERIOD = 6
 """The released model puts a global-attention layer at layer 0 and at every layer i with (i + 1) % 6 == 0."""
 
+SHORT_ATTENTION_SCORES = 1 << 21
+"""Attention calls of the local backend whose whole score matrix (batch x heads x queries x keys) has at most this
+many elements (8 MiB in FP32, what one step of the tiled kernel holds) run dense: torch's fused SDPA, or one
+block product per ``window`` queries, beat the tiled kernel's per-call work at such sizes (the tiny model's 128
+tokens: about 2x); longer ones run the tiled kernel in O(seq x tile) memory (``mimo.model.core_attention``).
+The planner's local activation model follows the same split."""
+
 TOKEN_DISPATCHERS = ("alltoall", "allgather", "flex")
 PARAM_DTYPES = ("fp32", "bf16")
 FP8_RECIPES = ("blockwise", "mxfp8")

@@ -13,8 +13,9 @@ It mirrors the contract of Transformer Engine's core attention as wrapped by meg
   where ``attention_mask`` is None or, with document masking, the document ids of the whole sequence
   (``mimo.model.documents``).
 
-Neither kind of layer materialises a sequence x sequence matrix (``mimo.model.attention_kernel``): global
-attention runs in O(s * tile) memory, sliding-window attention in O(s * window) time and memory.
+Neither kind of layer materialises a sequence x sequence matrix beyond ``SHORT_ATTENTION_SCORES`` elements: longer
+calls run the tiled kernel (``mimo.model.attention_kernel``), global attention in O(s * tile) memory,
+sliding-window attention in O(s * window) time and memory.
 
 Under context parallelism a rank holds two chunks of each sequence's queries, and each chunk attends to the keys
 before it and its own: on sliding-window layers the ``window`` keys before it, received from the ranks holding
@@ -26,6 +27,7 @@ the whole sequence's, which every rank holds.
 import math
 
 import torch
+import torch.nn.functional as F
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.enums import AttnMaskType
@@ -38,6 +40,7 @@ from megatron.core.transformer.utils import (
 from megatron.core.utils import divide, get_pg_rank, get_pg_size
 
 from mimo.model.attention_kernel import attention
+from mimo.model.config import SHORT_ATTENTION_SCORES
 from mimo.parallel.config import ALLGATHER, HALO
 from mimo.parallel.context_parallel import gather_in_sequence_order, halo_exchange
 from mimo.parallel.sequence_chunks import load_balanced_chunks
@@ -67,12 +70,14 @@ def sliding_window_attention(
     precede the first query (context parallelism hands a rank's chunk of queries the keys before it); at most
     ``window`` of them can be seen, so callers pass no more. The sink is one more logit per row (not scaled, no
     value), so the weights on real keys sum to less than one. ``documents`` [b, past + s]: a query sees only keys
-    of its own document.
+    of its own document. Short calls without documents run dense (``SHORT_ATTENTION_SCORES``).
     """
     if not 0 <= past <= window:
         raise ValueError(
             f"sliding_window_attention got {past} past keys with window={window}; pass 0 <= past <= window"
         )
+    if documents is None and _is_short(query, key):
+        return _blocked_window_attention(query, key, value, window=window, scale=scale, sink=sink, past=past)
     return attention(query, key, value, scale=scale, window=window, sink=sink, past=past, documents=documents)
 
 
@@ -87,8 +92,94 @@ def causal_attention(
     documents: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Full causal attention, shapes as in ``sliding_window_attention`` (``past`` keys precede the queries, and
-    ``documents`` restrict each query to its document), in O(seq * tile) memory with or without a sink."""
+    ``documents`` restrict each query to its document), in O(seq * tile) memory with or without a sink; short
+    calls without documents run dense (``SHORT_ATTENTION_SCORES``; document masking always takes the tiled
+    kernel, the one place that applies it)."""
+    if documents is None and _is_short(query, key):
+        return _dense_causal_attention(query, key, value, scale=scale, sink=sink, past=past)
     return attention(query, key, value, scale=scale, sink=sink, past=past, documents=documents)
+
+
+def _is_short(query: torch.Tensor, key: torch.Tensor) -> bool:
+    batch, heads, queries, _ = query.shape
+    return batch * heads * queries * key.shape[2] <= SHORT_ATTENTION_SCORES
+
+
+def _blocked_window_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    window: int,
+    scale: float,
+    sink: torch.Tensor | None = None,
+    past: int = 0,
+) -> torch.Tensor:
+    """``sliding_window_attention`` of a short call, autograd keeping the probabilities.
+
+    Queries are processed in blocks of ``window`` rows; block n (rows n*B .. n*B + B - 1) needs keys
+    n*B - window .. n*B + B - 1, i.e. one ``unfold`` window of B + window keys over the left-padded keys.
+    The sink enters as one extra logit column per row (not scaled, no value), dropped after the softmax, so
+    the weights on real keys sum to less than one.
+    """
+    batch, heads, seq, head_dim = query.shape
+    groups, value_dim = key.shape[1], value.shape[-1]
+    if key.shape[2] != past + seq or not 0 <= past <= window:
+        raise ValueError(
+            f"sliding_window_attention got {key.shape[2]} keys for {seq} queries with past={past} and"
+            f" window={window}; pass past + seq keys with 0 <= past <= window"
+        )
+    # A window reaching past the first key is plain causal attention; clamping keeps the blocks small.
+    window = min(window, past + seq - 1)
+    block = max(window, 1)
+    num_blocks = math.ceil(seq / block)
+    padded = num_blocks * block
+    span = block + window
+
+    queries = F.pad(query, (0, 0, 0, padded - seq)).view(batch, groups, heads // groups, num_blocks, block, head_dim)
+    key_padding = (0, 0, window - past, padded - seq)
+    keys = F.pad(key, key_padding).unfold(2, span, block)  # [b, g, nb, dk, span]
+    values = F.pad(value, key_padding).unfold(2, span, block)  # [b, g, nb, dv, span]
+
+    scores = torch.matmul(queries, keys.unsqueeze(2)) * scale  # [b, g, h/g, nb, block, span]
+    query_pos = torch.arange(padded, device=query.device).view(num_blocks, block, 1)
+    key_pos = (
+        torch.arange(num_blocks, device=query.device).view(num_blocks, 1, 1) * block
+        - window
+        + torch.arange(span, device=query.device).view(1, 1, span)
+    )
+    visible = (key_pos <= query_pos) & (key_pos >= query_pos - window) & (key_pos >= -past)
+    scores = scores.masked_fill(~visible, float("-inf"))
+    if sink is not None:
+        sink_logits = sink.to(scores.dtype).view(1, groups, heads // groups, 1, 1, 1)
+        scores = torch.cat([scores, sink_logits.expand(*scores.shape[:-1], 1)], dim=-1)
+    # At least FP32 for the softmax, whatever the input precision.
+    probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32))
+    if sink is not None:
+        probs = probs[..., :-1]
+    out = torch.matmul(probs.to(value.dtype), values.transpose(-1, -2).unsqueeze(2))  # [b, g, h/g, nb, block, dv]
+    return out.reshape(batch, heads, padded, value_dim)[:, :, :seq]
+
+
+def _dense_causal_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    scale: float,
+    sink: torch.Tensor | None = None,
+    past: int = 0,
+) -> torch.Tensor:
+    """``causal_attention`` of a short call. Without a sink this is torch's fused SDPA; a sink needs the extra
+    logit column SDPA cannot take, so it runs as a window spanning all keys."""
+    seq = query.shape[2]
+    if sink is not None:
+        return _blocked_window_attention(query, key, value, window=past + seq - 1, scale=scale, sink=sink, past=past)
+    if past == 0:
+        return F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scale, enable_gqa=True)
+    # SDPA's is_causal aligns the first query with the first key; here query i sits at key position past + i.
+    visible = torch.arange(past + seq, device=query.device) <= past + torch.arange(seq, device=query.device)[:, None]
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=visible, scale=scale, enable_gqa=True)
 
 
 class LocalCoreAttention(MegatronModule):

@@ -2,10 +2,11 @@
 SwiGLU and RoPE, its router and token permutation, and the attention backend), under the configured
 recomputation and the 1F1B schedule's in-flight micro-batches."""
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from mimo.model.config import AttentionType, ModelConfig
+from mimo.model.config import SHORT_ATTENTION_SCORES, AttentionType, ModelConfig
 from mimo.parallel.config import HALO
 from mimo.parallel.layout import ResolvedLayout
 from mimo.recipes.schema import MimoConfig
@@ -117,7 +118,13 @@ def _core_attention_saved(model: ModelConfig, kind: AttentionType, shape: Shape,
     sink_under_cp = shape.cp > 1 and model.has_sink(kind)  # mimo's attention on either backend (model/specs.py)
     if shape.backend == "te" and not sink_under_cp:
         return qkv + shape.tokens * heads * FP32  # flash attention: q, k, v and the fp32 log-sum-exp
-    return _received_keys_saved(model, kind, shape) + _tiled_attention_saved(model, kind, shape, heads)
+    received = _received_keys_saved(model, kind, shape)
+    # Short calls run dense (SHORT_ATTENTION_SCORES; per-call keys taken as the whole sequence's under cp).
+    if shape.batch * heads * shape.seq * shape.seq * shape.cp > SHORT_ATTENTION_SCORES:
+        return received + _tiled_attention_saved(model, kind, shape, heads)
+    if model.window(kind) is None and not model.has_sink(kind):
+        return received + _sdpa_math_saved(model, shape, heads)
+    return received + _local_window_saved(model, kind, shape, heads)
 
 
 def _received_keys_saved(model: ModelConfig, kind: AttentionType, shape: Shape) -> float:
@@ -131,6 +138,33 @@ def _received_keys_saved(model: ModelConfig, kind: AttentionType, shape: Shape) 
     if window is not None and shape.window_exchange == HALO:
         return shape.batch * 2 * window * token_bytes
     return shape.tokens * shape.cp * token_bytes
+
+
+def _sdpa_math_saved(model: ModelConfig, shape: Shape, heads: float) -> float:
+    """torch SDPA on CPU, called with enable_gqa as mimo's causal attention does, runs its math path in at least
+    fp32: it keeps the scaled queries, the keys and values expanded to every query head, and the seq x seq
+    softmax."""
+    positions = shape.batch * heads * shape.seq
+    return positions * (2 * model.head_dim + model.v_head_dim + shape.seq) * shape.math_bytes
+
+
+def _local_window_saved(model: ModelConfig, kind: AttentionType, shape: Shape, heads: float) -> float:
+    """mimo's dense ``sliding_window_attention`` of short calls (SWA layers, and global layers with a sink as a
+    window spanning the sequence): per query head the padded queries, the block + window keys and values each
+    block of ``window`` queries meets (materialised per query head by the broadcast matmul), and the fp32
+    softmax over them with the sink column, plus its copy in the activation dtype below fp32; one boolean
+    visibility mask."""
+    seq, window = shape.seq, model.window(kind)
+    window = min(seq - 1 if window is None else window, seq - 1)
+    block = max(window, 1)
+    blocks = math.ceil(seq / block)
+    span = block + window
+    query_blocks = shape.batch * heads * blocks
+    inputs = query_blocks * (block * model.head_dim + span * (model.head_dim + model.v_head_dim)) * shape.act_bytes
+    probs = query_blocks * block * (span + (1 if model.has_sink(kind) else 0)) * FP32
+    if shape.act_bytes < FP32:
+        probs += query_blocks * block * span * shape.act_bytes
+    return inputs + probs + blocks * block * span * BYTES["bool"]
 
 
 def _tiled_attention_saved(model: ModelConfig, kind: AttentionType, shape: Shape, heads: float) -> float:
