@@ -40,7 +40,8 @@ class DataConfig:
     reset_position_ids: bool = False
     """Restart position ids after each end-of-document token inside a packed sample."""
     reset_attention_mask: bool = False
-    """Stop attention across document boundaries; adds a [mbs, 1, seq, seq] boolean attention_mask (True: masked)."""
+    """Stop attention across document boundaries (document masking): each micro-batch carries its tokens'
+    ``document_ids`` and every attention layer sees only keys of the query's own document."""
     eod_mask_loss: bool = False
     """Do not train on predicting the token after an end-of-document token."""
     long_docs: LongDocConfig = field(default_factory=LongDocConfig)

@@ -12,6 +12,7 @@ many micro-batches the loop draws per step.
 import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -23,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from mimo.data.blend import Blend, dataset_token_counts, long_document_blend, resolve_blend
 from mimo.data.config import DataConfig
 from mimo.data.distributed import process_group_for_build
+from mimo.data.documents import collate_with_documents
 from mimo.data.errors import DataError
 from mimo.data.order import BUILD_SAMPLES, EpochStream, PlannedSamples
 from mimo.data.tokenizer import MimoTokenizer, build_tokenizer
@@ -65,8 +67,6 @@ class _ValidSamples(Dataset):
         sample = self.dataset[index % len(self.dataset)]
         sample["dataset_id"] = int(sample.get("dataset_id", 0))
         sample["sample_index"] = index
-        if "attention_mask" in sample:
-            sample["attention_mask"] = sample["attention_mask"].bool()
         return sample
 
 
@@ -116,7 +116,7 @@ def _gpt_config(
         reset_position_ids=cfg.reset_position_ids,
         reset_attention_mask=cfg.reset_attention_mask,
         eod_mask_loss=cfg.eod_mask_loss,
-        create_attention_mask=cfg.reset_attention_mask,
+        create_attention_mask=False,  # document masking travels as ids (mimo.data.documents), not an s x s mask
     )
 
 
@@ -155,9 +155,17 @@ def _trained(train: Dataset | None, cfg: DataConfig) -> Dataset:
     return train
 
 
-def _loader(dataset: Dataset, consumed: int, rank: DataRank, num_workers: int) -> DataLoader:
+def _loader(dataset: Dataset, consumed: int, rank: DataRank, cfg: DataConfig, tokenizer: MimoTokenizer) -> DataLoader:
+    """Micro-batches of this rank's samples from ``consumed`` on, with their document ids under document masking."""
     sampler = _GlobalOrderSampler(consumed, rank)
-    return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, persistent_workers=num_workers > 0)
+    collate = partial(collate_with_documents, tokenizer.eod) if cfg.reset_attention_mask else None
+    return DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=cfg.num_workers,
+        persistent_workers=cfg.num_workers > 0,
+        collate_fn=collate,
+    )
 
 
 def build_data_iterators(
@@ -200,8 +208,8 @@ def build_data_iterators(
         len(valid) if has_valid else "no",
     )
     return DataIterators(
-        train=iter(_loader(train, consumed_samples, rank, cfg.num_workers)),
-        valid=_loader(_ValidSamples(valid), 0, rank, cfg.num_workers) if has_valid else None,
+        train=iter(_loader(train, consumed_samples, rank, cfg, tokenizer)),
+        valid=_loader(_ValidSamples(valid), 0, rank, cfg, tokenizer) if has_valid else None,
         tokenizer=tokenizer,
         dataset_names=names,
     )

@@ -105,6 +105,4 @@ class PlannedSamples(Dataset):
         sample = self.streams[dataset_id][position]
         sample["dataset_id"] = dataset_id
         sample["sample_index"] = index
-        if "attention_mask" in sample:
-            sample["attention_mask"] = sample["attention_mask"].bool()
         return sample

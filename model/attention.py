@@ -29,7 +29,8 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import get_pg_rank, get_pg_size
 
 from mimo.model.config import AttentionType, ModelConfig
-from mimo.model.core_attention import SINK_SOFTMAX_TYPE
+from mimo.model.core_attention import SINK_SOFTMAX_TYPE, LocalCoreAttention
+from mimo.model.documents import thd_packed_seq_params
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,8 @@ class MimoAttention(MegatronModule):
 
     ``rotary_pos_emb`` carries token positions, [s, b] integers (see ``MimoGPTModel``), not precomputed
     frequencies: each layer type has its own RoPE base, so the frequencies are built here. Without positions
-    the layer uses 0 .. s-1.
+    the layer uses 0 .. s-1. ``attention_mask`` is None or the document ids of the whole sequence
+    (``mimo.model.documents``): each token then attends only to its own document.
     """
 
     def __init__(
@@ -188,7 +190,6 @@ class MimoAttention(MegatronModule):
         inference_params: object | None = None,
     ):
         unsupported = {
-            "attention_mask": attention_mask,
             "inference_context": inference_context or inference_params,
             "rotary_pos_cos": rotary_pos_cos,
             "rotary_pos_sin": rotary_pos_sin,
@@ -200,7 +201,8 @@ class MimoAttention(MegatronModule):
         if given:
             raise ValueError(
                 f"MimoAttention got {', '.join(given)}: it is always causal (windowed on SWA layers), trains on"
-                " fixed-length [s, b] batches and takes positions through rotary_pos_emb; pass None"
+                " fixed-length [s, b] batches, takes positions through rotary_pos_emb and document ids through"
+                " attention_mask; pass None"
             )
         geo = self.geometry
         qkv, _ = self.linear_qkv(hidden_states)
@@ -215,13 +217,29 @@ class MimoAttention(MegatronModule):
         key = apply_rotary_pos_emb(key, freqs, self.config, cp_group=self.pg_collection.cp)
 
         if self.checkpoint_core_attention and self.training:
-            context = tensor_parallel.checkpoint(self._core_attention, False, query, key, value)
+            context = tensor_parallel.checkpoint(self._core_attention, False, query, key, value, attention_mask)
         else:
-            context = self._core_attention(query, key, value)
+            context = self._core_attention(query, key, value, attention_mask)
         return self.linear_proj(context)
 
-    def _core_attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-        return self.core_attention(query, key, value, None, attn_mask_type=self.attn_mask_type)
+    def _core_attention(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, documents: torch.Tensor | None
+    ) -> torch.Tensor:
+        """mimo's core attention takes the document ids as they are; Transformer Engine's takes the documents as
+        THD sequences (the batch laid end to end)."""
+        if documents is None or isinstance(self.core_attention, LocalCoreAttention):
+            return self.core_attention(query, key, value, documents, attn_mask_type=self.attn_mask_type)
+        if get_pg_size(self.pg_collection.cp) > 1:
+            raise ValueError(
+                "document masking with Transformer Engine's attention under context parallelism is not supported;"
+                " set parallel.cp=1 or data.reset_attention_mask=false"
+            )
+        seq, batch = query.shape[:2]
+        packed = [t.transpose(0, 1).flatten(0, 1) for t in (query, key, value)]  # [b * s, heads, dim]
+        context = self.core_attention(
+            *packed, None, attn_mask_type=self.attn_mask_type, packed_seq_params=thd_packed_seq_params(documents)
+        )
+        return context.view(batch, seq, -1).transpose(0, 1)
 
     def _rope_freqs(self, positions: torch.Tensor | None, seq: int, device: torch.device) -> torch.Tensor:
         """RoPE angles [s, b or 1, 1, rotary_dim] in FP32, halves repeated (NeoX rotate-half layout)."""

@@ -18,8 +18,11 @@ products, few Python calls, and a step's scores stay in cache between its produc
 Grouped-query attention: the query heads sharing a KV head are stacked along a tile's rows, so each tile is one
 matrix product per KV head and keys and values are never copied per query head.
 
-Which keys a query sees is decided in one place, ``_visible``, from token positions; document masking (per-token
-segment ids) is one more condition there, applied to the whole tile instead of its edge bands.
+Which keys a query sees is decided in one place, ``_visible``, from token positions and, with document masking
+(``documents``: the document id of every key, data.reset_attention_mask), from the documents of query and key: a
+query sees only keys of its own document. Without documents only a tile's edge bands hold hidden keys; with them
+the condition is applied over the whole tile, so the cost stays O(seq x tile) (O(seq x window) on sliding-window
+layers) however many documents a sequence packs.
 """
 
 from dataclasses import dataclass
@@ -88,12 +91,17 @@ class Geometry:
             first += tiles * height
         return steps
 
-    def visible(self, step: Step, device: torch.device) -> torch.Tensor:
-        """[tiles, rows, span] booleans: whether each query of the step sees each key of its tile."""
+    def visible(self, step: Step, device: torch.device, documents: torch.Tensor | None = None) -> torch.Tensor:
+        """[tiles, rows, span] booleans: whether each query of the step sees each key of its tile; [b, tiles, rows,
+        span] with ``documents``, the document id of every key as [b, pad + past + seq] (padding keys first)."""
         offsets = torch.arange(step.tiles, device=device).view(-1, 1) * step.rows
         query_pos = self.past + step.first + offsets + torch.arange(step.rows, device=device)
         key_pos = step.key_start - self.pad + offsets + torch.arange(step.span, device=device)
-        return _visible(query_pos, key_pos, self.window)
+        if documents is None:
+            return _visible(query_pos, key_pos, self.window)
+        return _visible(
+            query_pos, key_pos, self.window, documents[:, query_pos + self.pad], documents[:, key_pos + self.pad]
+        )
 
     def masked_bands(self, step: Step) -> list[tuple[int, int]]:
         """Column ranges of a tile where some of its queries do not see a key (every query sees every other
@@ -109,13 +117,22 @@ class Geometry:
         return [band for band in ((0, left), (right, step.span)) if band[0] < band[1]]
 
 
-def _visible(query_pos: torch.Tensor, key_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+def _visible(
+    query_pos: torch.Tensor,
+    key_pos: torch.Tensor,
+    window: int | None,
+    query_doc: torch.Tensor | None = None,
+    key_doc: torch.Tensor | None = None,
+) -> torch.Tensor:
     """[..., queries, keys] booleans from [..., queries] and [..., keys] positions: causal, within the window when
-    there is one, never a padding key (negative position)."""
+    there is one, never a padding key (negative position), and with document ids (shaped as the positions, with
+    leading batch dimensions) only keys of the query's own document."""
     query_pos, key_pos = query_pos.unsqueeze(-1), key_pos.unsqueeze(-2)
     seen = (key_pos <= query_pos) & (key_pos >= 0)
     if window is not None:
         seen &= key_pos >= query_pos - window
+    if query_doc is not None:
+        seen = seen & (query_doc.unsqueeze(-1) == key_doc.unsqueeze(-2))
     return seen
 
 
@@ -124,10 +141,17 @@ class _Tiles:
     per group, ...]: a tile's rows are its queries, each with the query heads of one KV group, in the order of
     mimo's sequence-first activations ([s, b, heads, d] in memory), so that with one KV group per rank and a
     micro-batch of one a tile is a view, not a copy. Keys and values are windows of the left-padded
-    [b, g, pad + past + s, d] tensors, the keys multiplied by the softmax scale once for all tiles."""
+    [b, g, pad + past + s, d] tensors, the keys multiplied by the softmax scale once for all tiles; document ids
+    (when given) are left-padded alike."""
 
     def __init__(
-        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float, geometry: Geometry
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        scale: float,
+        geometry: Geometry,
+        documents: torch.Tensor | None = None,
     ) -> None:
         batch, heads, _, _ = query.shape
         self.groups = key.shape[1]
@@ -135,6 +159,7 @@ class _Tiles:
         self.query = query
         self.key = torch.nn.functional.pad(key, (0, 0, geometry.pad, 0)) * scale
         self.value = torch.nn.functional.pad(value, (0, 0, geometry.pad, 0))
+        self.documents = None if documents is None else torch.nn.functional.pad(documents, (geometry.pad, 0))
         self.scale = scale
         self.geometry = geometry
         self.compute_dtype = torch.promote_types(query.dtype, torch.float32)
@@ -159,10 +184,12 @@ class _Tiles:
     def scores(self, queries: torch.Tensor, step: Step) -> torch.Tensor:
         """Scaled scores [b, g, tiles, rows x heads, span] in at least FP32, invisible keys at -inf."""
         scores = torch.matmul(queries, self.windows(self.key, step).transpose(-1, -2)).to(self.compute_dtype)
-        bands = self.geometry.masked_bands(step)
+        bands = self.geometry.masked_bands(step) if self.documents is None else [(0, step.span)]
         if bands:
-            per_row = scores.unflatten(3, (step.rows, self.per_group))
-            hidden = ~self.geometry.visible(step, scores.device).unsqueeze(-2)
+            per_row = scores.unflatten(3, (step.rows, self.per_group))  # [b, g, tiles, rows, heads per group, span]
+            hidden = ~self.geometry.visible(step, scores.device, self.documents).unsqueeze(-2)
+            if self.documents is not None:
+                hidden = hidden.unsqueeze(1)  # [b, 1 (groups), tiles, rows, 1, span]
             for start, end in bands:
                 per_row[..., start:end].masked_fill_(hidden[..., start:end], float("-inf"))
         return scores
@@ -238,9 +265,9 @@ class _TiledAttention(torch.autograd.Function):
     tiles compute attention over the keys alone and the output is scaled by the share."""
 
     @staticmethod
-    def forward(ctx, query, key, value, sink, scale: float, geometry: Geometry):
+    def forward(ctx, query, key, value, sink, scale: float, geometry: Geometry, documents):
         batch, heads, seq, _ = query.shape
-        tiles = _Tiles(query, key, value, scale, geometry)
+        tiles = _Tiles(query, key, value, scale, geometry, documents)
         # Sequence-first memory, as the queries: the caller's [s, b, heads * dv] view of it needs no copy.
         out = query.new_empty(seq, batch, heads, value.shape[-1]).permute(1, 2, 0, 3)
         lse = None if sink is None else query.new_empty((seq, batch, heads), dtype=tiles.compute_dtype)
@@ -249,18 +276,18 @@ class _TiledAttention(torch.autograd.Function):
         if sink is not None:
             share = torch.sigmoid(lse.permute(1, 2, 0) - sink.to(lse.dtype).view(1, -1, 1))
             out.mul_(share.unsqueeze(-1))
-        ctx.save_for_backward(query, key, value, sink, out, share)
+        ctx.save_for_backward(query, key, value, sink, out, share, documents)
         ctx.scale, ctx.geometry = scale, geometry
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        query, key, value, sink, out, share = ctx.saved_tensors
-        tiles = _Tiles(query, key, value, ctx.scale, ctx.geometry)
+        query, key, value, sink, out, share, documents = ctx.saved_tensors
+        tiles = _Tiles(query, key, value, ctx.scale, ctx.geometry, documents)
         grad_query, grad_key, grad_value, grad_sink = _backward(tiles, out, grad_out, share)
         if grad_sink is not None:
             grad_sink = grad_sink.to(sink.dtype)
-        return grad_query, grad_key, grad_value, grad_sink, None, None
+        return grad_query, grad_key, grad_value, grad_sink, None, None, None
 
 
 def attention(
@@ -272,13 +299,16 @@ def attention(
     window: int | None = None,
     sink: torch.Tensor | None = None,
     past: int = 0,
+    documents: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of ``query`` [b, h, s, dk] over ``key`` [b, g, past + s, dk] and ``value``
     [b, g, past + s, dv] (h a multiple of g: query head j uses KV head j // (h / g)) -> [b, h, s, dv].
 
     Query i sits at key position ``past + i`` and sees keys ``past + i - window .. past + i`` (every earlier key
     when ``window`` is None). ``sink`` [h] adds exp(sink) to each row's softmax denominator: one more logit,
-    not scaled, with no value, so the weights on real keys sum to less than one.
+    not scaled, with no value, so the weights on real keys sum to less than one. ``documents`` [b, past + s]
+    (integers; the queries' are the last s) restricts each query to the keys of its own document: every document
+    of a packed sequence is attended to as if it were alone (its own sink term included).
     """
     batch, heads, seq, _ = query.shape
     if key.shape[2] != past + seq or value.shape[2] != past + seq or past < 0:
@@ -286,10 +316,13 @@ def attention(
             f"attention got {key.shape[2]} keys and {value.shape[2]} values for {seq} queries with past={past};"
             " pass past + seq of each"
         )
+    if documents is not None and tuple(documents.shape) != (batch, past + seq):
+        raise ValueError(f"documents must be [b={batch}, past + s={past + seq}] ids, got {tuple(documents.shape)}")
     if heads % key.shape[1]:
         raise ValueError(f"{heads} query heads cannot share {key.shape[1]} KV heads evenly")
     if window is not None and window < 0:
         raise ValueError(f"window={window}: pass the number of earlier keys a query sees (>= 0), or None")
     if window is not None and window >= past + seq - 1:
         window = None  # the window reaches the first key from every query: plain causal attention
-    return _TiledAttention.apply(query, key, value, sink, scale, Geometry(seq=seq, past=past, window=window))
+    geometry = Geometry(seq=seq, past=past, window=window)
+    return _TiledAttention.apply(query, key, value, sink, scale, geometry, documents)

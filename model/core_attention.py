@@ -9,7 +9,9 @@ It mirrors the contract of Transformer Engine's core attention as wrapped by meg
   ``softmax_type = "learnable"`` when the layer has a sink;
 * the sink is a parameter named ``softmax_offset`` with this rank's heads, so checkpoints are portable between
   the CPU and the GPU backends;
-* ``forward(query [s, b, np, dk], key [s, b, ng, dk], value [s, b, ng, dv]) -> [s, b, np * dv]``.
+* ``forward(query [s, b, np, dk], key [s, b, ng, dk], value [s, b, ng, dv], attention_mask) -> [s, b, np * dv]``,
+  where ``attention_mask`` is None or, with document masking, the document ids of the whole sequence
+  (``mimo.model.documents``).
 
 Neither kind of layer materialises a sequence x sequence matrix beyond ``SHORT_ATTENTION_SCORES`` elements: longer
 calls run the tiled kernel (``mimo.model.attention_kernel``), global attention in O(s * tile) memory,
@@ -18,7 +20,8 @@ sliding-window attention in O(s * window) time and memory.
 Under context parallelism a rank holds two chunks of each sequence's queries, and each chunk attends to the keys
 before it and its own: on sliding-window layers the ``window`` keys before it, received from the ranks holding
 them (``halo_exchange``, or an all-gather with ``cp_comm_type="allgather"``), on global layers all of them
-(all-gathered). Both are exact.
+(all-gathered). Both are exact. With document masking each chunk cuts its queries' and keys' document ids out of
+the whole sequence's, which every rank holds.
 """
 
 import math
@@ -58,6 +61,7 @@ def sliding_window_attention(
     scale: float,
     sink: torch.Tensor | None = None,
     past: int = 0,
+    documents: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention where query i sees keys i - window .. i, in O(seq * window) time and memory.
 
@@ -65,15 +69,16 @@ def sliding_window_attention(
     (query head j uses KV head j // (h / g)); sink [h] or None; returns [b, h, s, dv]. The first ``past`` keys
     precede the first query (context parallelism hands a rank's chunk of queries the keys before it); at most
     ``window`` of them can be seen, so callers pass no more. The sink is one more logit per row (not scaled, no
-    value), so the weights on real keys sum to less than one. Short calls run dense (``SHORT_ATTENTION_SCORES``).
+    value), so the weights on real keys sum to less than one. ``documents`` [b, past + s]: a query sees only keys
+    of its own document. Short calls without documents run dense (``SHORT_ATTENTION_SCORES``).
     """
     if not 0 <= past <= window:
         raise ValueError(
             f"sliding_window_attention got {past} past keys with window={window}; pass 0 <= past <= window"
         )
-    if _is_short(query, key):
+    if documents is None and _is_short(query, key):
         return _blocked_window_attention(query, key, value, window=window, scale=scale, sink=sink, past=past)
-    return attention(query, key, value, scale=scale, window=window, sink=sink, past=past)
+    return attention(query, key, value, scale=scale, window=window, sink=sink, past=past, documents=documents)
 
 
 def causal_attention(
@@ -84,12 +89,15 @@ def causal_attention(
     scale: float,
     sink: torch.Tensor | None = None,
     past: int = 0,
+    documents: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Full causal attention, shapes as in ``sliding_window_attention`` (``past`` keys precede the queries), in
-    O(seq * tile) memory with or without a sink; short calls run dense (``SHORT_ATTENTION_SCORES``)."""
-    if _is_short(query, key):
+    """Full causal attention, shapes as in ``sliding_window_attention`` (``past`` keys precede the queries, and
+    ``documents`` restrict each query to its document), in O(seq * tile) memory with or without a sink; short
+    calls without documents run dense (``SHORT_ATTENTION_SCORES``; document masking always takes the tiled
+    kernel, the one place that applies it)."""
+    if documents is None and _is_short(query, key):
         return _dense_causal_attention(query, key, value, scale=scale, sink=sink, past=past)
-    return attention(query, key, value, scale=scale, sink=sink, past=past)
+    return attention(query, key, value, scale=scale, sink=sink, past=past, documents=documents)
 
 
 def _is_short(query: torch.Tensor, key: torch.Tensor) -> bool:
@@ -240,35 +248,51 @@ class LocalCoreAttention(MegatronModule):
         attention_bias: torch.Tensor | None = None,
         packed_seq_params: PackedSeqParams | None = None,
     ) -> torch.Tensor:
-        if attention_mask is not None or attention_bias is not None or packed_seq_params is not None:
+        """``attention_mask``: None, or the document ids [b, s * cp] of the whole sequence (document masking)."""
+        if attention_bias is not None or packed_seq_params is not None:
             raise ValueError(
-                "mimo's local core attention is always causal (windowed on SWA layers) and takes no"
-                " attention_mask, attention_bias or packed_seq_params; pass None"
+                "mimo's local core attention is always causal (windowed on SWA layers) and takes no attention_bias"
+                " or packed_seq_params; pass None (documents come as ids in attention_mask)"
             )
         seq, batch = query.shape[:2]
         cp = get_pg_size(self.cp_group)
+        documents = attention_mask
+        if documents is not None and (documents.dim() != 2 or tuple(documents.shape) != (batch, seq * cp)):
+            raise ValueError(
+                f"attention_mask must be the document ids of the whole sequence, [b={batch}, s={seq * cp}]; got"
+                f" {tuple(documents.shape)}"
+            )
         if cp > 1:
-            return self._context_parallel(query, key, value).reshape(seq, batch, -1)
+            return self._context_parallel(query, key, value, documents).reshape(seq, batch, -1)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, dim]
-        return self._attend(q, k, v, past=0).permute(2, 0, 1, 3).reshape(seq, batch, -1)
+        return self._attend(q, k, v, 0, documents).permute(2, 0, 1, 3).reshape(seq, batch, -1)
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int) -> torch.Tensor:
+    def _attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int, documents: torch.Tensor | None
+    ) -> torch.Tensor:
+        scale, sink = self.softmax_scale, self.softmax_offset
         if self.window is None:
-            return causal_attention(q, k, v, scale=self.softmax_scale, sink=self.softmax_offset, past=past)
+            return causal_attention(q, k, v, scale=scale, sink=sink, past=past, documents=documents)
         return sliding_window_attention(
-            q, k, v, window=self.window, scale=self.softmax_scale, sink=self.softmax_offset, past=past
+            q, k, v, window=self.window, scale=scale, sink=sink, past=past, documents=documents
         )
 
-    def _context_parallel(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    def _context_parallel(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, documents: torch.Tensor | None
+    ) -> torch.Tensor:
         """This rank's queries hold two of the sequence's 2 * cp chunks (``load_balanced_chunks``); each meets the
         keys it can see before it and its own, so the result and its gradients equal the unsplit attention's.
+        Document ids of a chunk's keys (halo or gathered ones included) are cut from the whole sequence's.
         Returns [s_local, b, heads, dv]."""
         chunk = query.shape[0] // 2
         spans = self._halo_spans(key, value, chunk) if self.halo else self._gathered_spans(key, value, chunk)
-        outputs = [
-            self._attend(query[index * chunk : (index + 1) * chunk].permute(1, 2, 0, 3), keys, values, past)
-            for index, (keys, values, past) in enumerate(spans)
-        ]
+        chunk_ids = load_balanced_chunks(get_pg_rank(self.cp_group), get_pg_size(self.cp_group))
+        outputs = []
+        for index, (chunk_id, (keys, values, past)) in enumerate(zip(chunk_ids, spans)):
+            start = chunk_id * chunk
+            ids = None if documents is None else documents[:, start - past : start + chunk]
+            queries = query[index * chunk : (index + 1) * chunk].permute(1, 2, 0, 3)
+            outputs.append(self._attend(queries, keys, values, past, ids))
         return torch.cat([out.permute(2, 0, 1, 3) for out in outputs])
 
     def _halo_spans(self, key: torch.Tensor, value: torch.Tensor, chunk: int) -> list[KeySpan]:

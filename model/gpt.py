@@ -4,7 +4,8 @@ GPTModel builds one RotaryEmbedding (one base) for the whole model and turns ``p
 the sequence length. MiMo needs two bases (GA and SWA layers) and positions that restart at document
 boundaries of packed sequences, so the model is built with ``position_embedding_type="none"`` and
 ``rotary_pos_emb`` carries the token positions, [s, b], down to every ``MimoAttention`` (the MTP blocks receive
-the same tensor from GPTModel).
+the same tensor from GPTModel). With document masking ``attention_mask`` carries the document ids of the whole
+sequence (``mimo.model.documents``) to every decoder and MTP layer.
 """
 
 import torch
@@ -17,14 +18,16 @@ from megatron.core.transformer.multi_token_prediction import (
 )
 from megatron.core.utils import get_pg_size
 
-from mimo.parallel.context_parallel import sum_over_context_parallel
+from mimo.model.documents import same_document_ahead
+from mimo.parallel.context_parallel import sequence_positions, sum_over_context_parallel
 
 
 class MimoGPTModel(GPTModel):
     """GPTModel whose attention layers read token positions, and whose forward without labels gives logits.
 
     ``position_ids`` ([b, s], as for GPTModel) reach every pipeline stage's attention when passed to that stage's
-    forward; a stage given none uses 0 .. s-1. Packed documents therefore need position_ids on every stage.
+    forward; a stage given none uses 0 .. s-1. Packed documents therefore need position_ids on every stage, and,
+    to be masked from each other, their document ids [b, whole sequence] as ``attention_mask`` on every stage.
     """
 
     _return_mtp_logits = False
@@ -65,7 +68,9 @@ class MimoGPTModel(GPTModel):
         main, *depths = torch.chunk(stacked, 1 + self.config.mtp_num_layers, 0)
         if labels is None:
             return self._logits(main, gather), [self._logits(part, gather) for part in depths]
-        main = self._attach_mtp_losses(main, depths, labels, kwargs.get("loss_mask"), gather)
+        mask = kwargs.get("loss_mask")
+        mask = torch.ones_like(labels) if mask is None else mask
+        main = self._attach_mtp_losses(main, depths, labels, (mask, kwargs.get("attention_mask")), gather)
         logits, _ = self.output_layer(main, weight=self._output_weight(), runtime_gather_output=gather)
         return self.compute_language_model_loss(labels, logits)
 
@@ -74,24 +79,32 @@ class MimoGPTModel(GPTModel):
         hidden_states: torch.Tensor,
         depths: list[torch.Tensor],
         labels: torch.Tensor,
-        loss_mask: torch.Tensor | None,
+        masking: tuple[torch.Tensor, torch.Tensor | None],
         gather: bool | None,
     ) -> torch.Tensor:
         """Depth k predicts token i + 1 + k: labels and mask roll left once per depth (across context-parallel
         chunks); each depth's token mean, weighted by mtp_loss_scaling_factor / depths, joins the backward through
-        ``hidden_states`` and is tracked for logging."""
+        ``hidden_states`` and is tracked for logging. ``masking``: the loss mask and the document ids (or None).
+
+        With documents, position i counts at depth k only if token i + k is in i's document: the block's inputs
+        at i (tokens i + 1 .. i + k) then all come from it, and the target is what the main model would be asked
+        at i + k, so each document trains as it would alone (its target after its EOD token follows
+        data.eod_mask_loss, as the main loss's)."""
         weight = self.config.mtp_loss_scaling_factor / self.config.mtp_num_layers
-        mask = torch.ones_like(labels) if loss_mask is None else loss_mask
-        for depth, depth_hidden in enumerate(depths):
+        mask, documents = masking
+        if documents is not None:
+            positions = sequence_positions(labels.shape[-1], self.cp_group, labels.device)
+        for depth, depth_hidden in enumerate(depths, start=1):
             logits, _ = self.output_layer(depth_hidden, weight=self._output_weight(), runtime_gather_output=gather)
             labels, _ = roll_tensor(labels, shifts=-1, dims=-1, cp_group=self.cp_group)
             mask, _ = roll_tensor(mask, shifts=-1, dims=-1, cp_group=self.cp_group)
-            loss_sum = (mask * self.compute_language_model_loss(labels, logits)).sum()
-            mean = loss_sum / self._mtp_token_count(mask)
+            counted = mask if documents is None else mask * same_document_ahead(documents, positions, depth)
+            loss_sum = (counted * self.compute_language_model_loss(labels, logits)).sum()
+            mean = loss_sum / self._mtp_token_count(counted)
             if self.training:
                 MTPLossLoggingHelper.save_loss_to_tracker(
                     mean,
-                    depth,
+                    depth - 1,
                     self.config.mtp_num_layers,
                     avg_group=parallel_state.get_data_parallel_group(with_context_parallel=True),
                 )

@@ -31,6 +31,16 @@ def sum_over_context_parallel(value: torch.Tensor, cp_group: torch.distributed.P
     return total
 
 
+def sequence_positions(local_length: int, cp_group: torch.distributed.ProcessGroup, device) -> torch.Tensor:
+    """[local_length] positions in the whole sequence of this rank's tokens (its two chunks, in its order)."""
+    cp = get_pg_size(cp_group)
+    if cp == 1:
+        return torch.arange(local_length, device=device)
+    chunk = local_length // 2
+    chunk_ids = load_balanced_chunks(get_pg_rank(cp_group), cp)
+    return torch.cat([torch.arange(c * chunk, (c + 1) * chunk, device=device) for c in chunk_ids])
+
+
 def gather_in_sequence_order(
     local: torch.Tensor, cp_group: torch.distributed.ProcessGroup, dim: int = 0
 ) -> torch.Tensor:

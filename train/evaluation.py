@@ -29,7 +29,7 @@ from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 from megatron.core.utils import get_batch_on_this_cp_rank, get_pg_size
 
 from mimo.parallel.context_parallel import gather_in_sequence_order
-from mimo.train.step import MODEL_INPUTS, Batch, MicroBatching
+from mimo.train.step import MODEL_INPUTS, Batch, MicroBatching, document_ids
 
 MAIN_SUMS = 2
 """CE sum and token count of the main model."""
@@ -87,13 +87,21 @@ def token_predictions(logits: torch.Tensor, targets: torch.Tensor) -> TokenPredi
     return TokenPredictions(vocab_parallel_cross_entropy(logits, targets), greedy)
 
 
-def statistics(loss_mask: torch.Tensor, main: TokenPredictions, mtp: Sequence[TokenPredictions]) -> torch.Tensor:
+def statistics(
+    loss_mask: torch.Tensor,
+    main: TokenPredictions,
+    mtp: Sequence[TokenPredictions],
+    documents: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Sums over one micro-batch of whole sequences: [main CE, main tokens, then per MTP depth: CE, tokens,
-    accepted drafts]. Depth k's predictions at position t hold the CE of target t+k (see ``depth_targets``)."""
+    accepted drafts]. Depth k's predictions at position t hold the CE of target t+k (see ``depth_targets``). With
+    document ids, depth k counts at t only when t+k is in t's document (the block read no other document)."""
     mask = loss_mask.double()
     values = [(main.cross_entropy.double() * mask).sum(), mask.sum()]
     for depth, draft in enumerate(mtp, start=1):
         counted = mask[:, depth:]
+        if documents is not None:
+            counted = counted * (documents[:, depth:] == documents[:, :-depth])
         accepted = (draft.greedy[:, :-depth] == main.greedy[:, depth:]).double() * counted
         values += [(draft.cross_entropy[:, :-depth].double() * counted).sum(), counted.sum(), accepted.sum()]
     return torch.stack(values)
@@ -115,10 +123,12 @@ def _in_sequence_order(local: TokenPredictions, cp_group: dist.ProcessGroup) -> 
 def forward_step(with_mtp: bool, device: torch.device, data_iterator: Iterator[Batch], model: torch.nn.Module):
     """megatron's forward step: a context-parallel rank runs its chunks of each sequence; the per-token results
     are gathered back into sequence order, since MTP acceptance compares positions in different chunks."""
-    batch = {key: value.to(device) for key, value in next(data_iterator).items() if key in MODEL_INPUTS}
+    micro_batch = next(data_iterator)
+    documents = document_ids(micro_batch, device)
+    batch = {key: value.to(device) for key, value in micro_batch.items() if key in MODEL_INPUTS}
     batch["global_positions"] = torch.arange(batch["tokens"].shape[1], device=device).expand_as(batch["tokens"])
     local = get_batch_on_this_cp_rank(dict(batch))
-    output = model(local["tokens"], local["position_ids"], None, return_mtp_logits=with_mtp)
+    output = model(local["tokens"], local["position_ids"], documents, return_mtp_logits=with_mtp)
 
     def reduce(output_tensor):
         main, mtp = output_tensor if with_mtp else (output_tensor, [])
@@ -129,7 +139,7 @@ def forward_step(with_mtp: bool, device: torch.device, data_iterator: Iterator[B
             for depth, logits in enumerate(mtp, start=1)
         ]
         whole = [_in_sequence_order(head, cp_group) for head in heads]
-        sums = statistics(batch["loss_mask"], whole[0], whole[1:])
+        sums = statistics(batch["loss_mask"], whole[0], whole[1:], documents)
         return sums[0].clone().float(), sums[1].clone().int(), {"sums": sums}
 
     return output, reduce

@@ -25,6 +25,7 @@ from megatron.core.transformer.moe.moe_utils import (
 from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
 from megatron.core.utils import get_batch_on_this_cp_rank
 
+from mimo.data.documents import DOCUMENTS
 from mimo.parallel.context_parallel import sum_over_context_parallel
 from mimo.train.fault.guard import ExpertBiasSnapshot, local_gradients_finite
 
@@ -86,7 +87,8 @@ def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor) -> tuple[to
 
 def forward_step(device: torch.device, hooks: StepHooks, data_iterator: Iterator[Batch], model: torch.nn.Module):
     """Every pipeline stage reads the same micro-batch so all iterators advance in lockstep; a context-parallel
-    rank keeps its two load-balanced chunks of each sequence (positions included, so RoPE sees true ones)."""
+    rank keeps its two load-balanced chunks of each sequence (positions included, so RoPE sees true ones) and the
+    document ids of the whole sequence (``document_ids``)."""
     batch = hooks.corrupt_batch(next(data_iterator))
     hooks.on_micro_batch()
     local = get_batch_on_this_cp_rank({key: batch[key].to(device, non_blocking=True) for key in MODEL_INPUTS})
@@ -94,11 +96,17 @@ def forward_step(device: torch.device, hooks: StepHooks, data_iterator: Iterator
     output = model(
         input_ids=tokens,
         position_ids=position_ids,
-        attention_mask=None,
+        attention_mask=document_ids(batch, device),
         labels=labels,
         loss_mask=loss_mask,
     )
     return output, partial(_loss_func, loss_mask)
+
+
+def document_ids(batch: Batch, device: torch.device) -> torch.Tensor | None:
+    """The micro-batch's document ids for the model (``attention_mask``), None without document masking."""
+    documents = batch.get(DOCUMENTS)
+    return None if documents is None else documents.to(device, non_blocking=True)
 
 
 def _tracked_aux_loss(config: TransformerConfig) -> torch.Tensor:

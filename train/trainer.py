@@ -21,7 +21,7 @@ from mimo.data.blend import check_blend_files
 from mimo.data.config import DataConfig
 from mimo.data.stages import stage_config
 from mimo.model.accounting import flops_per_token, parameter_counts
-from mimo.model.builder import PARAM_DTYPES, run_precision_plan
+from mimo.model.builder import PARAM_DTYPES, resolve_use_te, run_precision_plan
 from mimo.model.config import ModelConfig
 from mimo.model.precision import describe_precision_plan
 from mimo.recipes.compose import to_container, to_yaml
@@ -124,10 +124,11 @@ def check_supported(cfg: MimoConfig) -> None:
     """Impossible training settings, and settings that are valid data-side but that the model cannot honour yet:
     refused, never silently ignored."""
     cfg.validate_training()
-    if cfg.data.reset_attention_mask:
+    if cfg.data.reset_attention_mask and cfg.parallel.cp > 1 and resolve_use_te(None):
         raise ConfigError(
-            "data.reset_attention_mask=true: MiMo attention does not mask across packed documents yet; set it to "
-            "false (data.reset_position_ids=true still restarts RoPE positions at each document)"
+            f"data.reset_attention_mask=true with parallel.cp={cfg.parallel.cp} on Transformer Engine: its"
+            " context-parallel ring attention (global layers) takes packed documents only in its own per-document"
+            " split, which mimo does not produce; set parallel.cp=1, or data.reset_attention_mask=false"
         )
     check_validation(cfg)
 

@@ -6,6 +6,12 @@ are the next tokens: sequence i holds tokens [i*S, (i+1)*S) and predicts [i*S+1,
 the first is predicted exactly once (``tokens`` = stream length - 1). The last sequence is padded and its padding
 masked. Positions run 0..S-1 in every sequence and attention is causal across documents, as in training.
 
+With ``data.reset_attention_mask=true`` each record (or the text file) is a document of its own, evaluated as if
+alone: cut into pieces of at most S predicted tokens as a file holding only that record would be, the pieces
+packed in order into sequences without splitting one, each piece attending only to itself with positions from 0.
+So no record sees another, the token after a record's last is never a target, and the loss is the token-weighted
+mean of the records' losses evaluated one by one.
+
 Metrics (token-weighted over the whole dataset; their definitions are ``mimo.train.evaluation``'s, which
 validation during training shares): ``loss``, ``perplexity``, ``mtp_loss`` (mean over MTP depths;
 ``mtp_loss_per_depth`` has each, ``mtp_tokens`` counts the depth-1 positions) and ``mtp_acceptance``, the draft
@@ -33,6 +39,7 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from mimo.data import build_tokenizer, check_vocab
+from mimo.data.documents import DOCUMENTS
 from mimo.data.tokenizer import MimoTokenizer, encode_documents
 from mimo.model.builder import build_model
 from mimo.parallel.runtime import Runtime, shutdown
@@ -75,16 +82,20 @@ class Sequences:
     """[n, S] int64 next tokens."""
     loss_mask: np.ndarray
     """[n, S] float32: 1 where the label is a real token of the stream."""
+    position_ids: np.ndarray | None = None
+    """[n, S] int64 RoPE positions; None: 0..S-1 in every sequence."""
+    document_ids: np.ndarray | None = None
+    """[n, S] int64 document of each token (attention stays inside one); None: no document masking."""
 
 
-def read_token_stream(path: Path, tokenizer: Callable[[], MimoTokenizer]) -> np.ndarray:
-    """All documents of ``path`` as one int64 stream (see the module docstring for the formats). ``tokenizer``
-    is called only when there is text to encode: ``input_ids`` records need none."""
+def read_documents(path: Path, tokenizer: Callable[[], MimoTokenizer]) -> list[np.ndarray]:
+    """The int64 tokens of each record of ``path`` (a text file is one record; see the module docstring for the
+    formats). ``tokenizer`` is called only when there is text to encode: ``input_ids`` records need none."""
     path = Path(path)
     if not path.exists():
         raise EvalError(f"{path} does not exist; give a text file or a JSONL file with 'text' or 'input_ids'")
     if path.suffix not in JSONL_SUFFIXES:
-        return encode_documents(tokenizer().hf, [path.read_text()], np.int64)[0]
+        return encode_documents(tokenizer().hf, [path.read_text()], np.int64)
     documents: list[np.ndarray | None] = []
     texts: dict[int, str] = {}
     with path.open() as lines:
@@ -103,8 +114,7 @@ def read_token_stream(path: Path, tokenizer: Callable[[], MimoTokenizer]) -> np.
             else:
                 raise EvalError(f"{path}:{number}: a record needs a '{TEXT_FIELD}' string or an '{IDS_FIELD}' list")
     encoded = dict(zip(texts, encode_documents(tokenizer().hf, list(texts.values()), np.int64))) if texts else {}
-    parts = [encoded[i] if document is None else document for i, document in enumerate(documents)]
-    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+    return [encoded[i] if document is None else document for i, document in enumerate(documents)]
 
 
 def to_sequences(stream: np.ndarray, seq_length: int) -> Sequences:
@@ -121,14 +131,56 @@ def to_sequences(stream: np.ndarray, seq_length: int) -> Sequences:
     )
 
 
+def to_document_sequences(documents: Sequence[np.ndarray], seq_length: int) -> Sequences:
+    """Each document evaluated as if alone (see the module docstring): its predicted tokens cut into pieces of at
+    most ``seq_length`` as ``to_sequences`` would cut it, the pieces packed in order into sequences, a piece
+    moving to a new sequence when it does not fit; a piece is one attention document with positions from 0, and
+    a sequence's unused tail one more, masked."""
+    pieces = [
+        (document, start, min(start + seq_length, len(document) - 1))
+        for document in documents
+        for start in range(0, len(document) - 1, seq_length)
+    ]
+    if not pieces:
+        raise EvalError("no record has 2 tokens; at least 2 are needed to predict one")
+    rows, fill = [], seq_length
+    for piece in pieces:
+        length = piece[2] - piece[1]
+        if fill + length > seq_length:
+            rows.append([])
+            fill = 0
+        rows[-1].append(piece)
+        fill += length
+    shape = (len(rows), seq_length)
+    tokens, labels = np.full(shape, PAD_ID, np.int64), np.full(shape, PAD_ID, np.int64)
+    loss_mask, positions, ids = np.zeros(shape, np.float32), np.zeros(shape, np.int64), np.zeros(shape, np.int64)
+    for row, row_pieces in enumerate(rows):
+        at = 0
+        for number, (document, start, end) in enumerate(row_pieces):
+            span = slice(at, at + end - start)
+            tokens[row, span], labels[row, span] = document[start:end], document[start + 1 : end + 1]
+            loss_mask[row, span], positions[row, span], ids[row, span] = 1.0, np.arange(end - start), number
+            at = span.stop
+        ids[row, at:] = len(row_pieces)
+    return Sequences(tokens, labels, loss_mask, positions, ids)
+
+
 def _pad_to(sequences: Sequences, multiple: int) -> Sequences:
     """Append fully masked sequences so every rank runs the same number of whole micro-batches."""
     extra = -len(sequences.tokens) % multiple
 
-    def grow(array: np.ndarray, value) -> np.ndarray:
+    def grow(array: np.ndarray | None, value) -> np.ndarray | None:
+        if array is None:
+            return None
         return np.concatenate([array, np.full((extra, array.shape[1]), value, array.dtype)])
 
-    return Sequences(grow(sequences.tokens, PAD_ID), grow(sequences.labels, PAD_ID), grow(sequences.loss_mask, 0.0))
+    return Sequences(
+        grow(sequences.tokens, PAD_ID),
+        grow(sequences.labels, PAD_ID),
+        grow(sequences.loss_mask, 0.0),
+        grow(sequences.position_ids, 0),
+        grow(sequences.document_ids, 0),
+    )
 
 
 def _micro_batches(
@@ -137,12 +189,17 @@ def _micro_batches(
     for start in range(rows.start, rows.stop, micro_batch_size):
         block = slice(start, start + micro_batch_size)
         tokens = torch.from_numpy(sequences.tokens[block])
-        yield {
+        batch = {
             "tokens": tokens.to(device),
             "labels": torch.from_numpy(sequences.labels[block]).to(device),
             "loss_mask": torch.from_numpy(sequences.loss_mask[block]).to(device),
             "position_ids": torch.arange(tokens.shape[1], device=device).expand_as(tokens),
         }
+        if sequences.position_ids is not None:
+            batch["position_ids"] = torch.from_numpy(sequences.position_ids[block]).to(device)
+        if sequences.document_ids is not None:
+            batch[DOCUMENTS] = torch.from_numpy(sequences.document_ids[block]).to(device)
+        yield batch
 
 
 def _result(sums: torch.Tensor, depths: int, sequences: int, checkpoint: Path, step: int) -> EvalResult:
@@ -165,9 +222,12 @@ def eval_overrides(checkpoint: Path, overrides: Sequence[str]) -> list[str]:
 
 
 def _file_sequences(data: Path, cfg: MimoConfig) -> Sequences:
-    stream = read_token_stream(data, partial(_text_tokenizer, cfg))
+    documents = read_documents(data, partial(_text_tokenizer, cfg))
+    stream = np.concatenate(documents) if documents else np.zeros(0, dtype=np.int64)
     if len(stream) and (stream.min() < 0 or stream.max() >= cfg.model.vocab_size):
         raise EvalError(f"{data}: token ids must lie in 0..{cfg.model.vocab_size - 1} (model.vocab_size)")
+    if cfg.data.reset_attention_mask:
+        return to_document_sequences(documents, cfg.train.seq_length)
     return to_sequences(stream, cfg.train.seq_length)
 
 
@@ -224,7 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
         " as one JSON line. DATA: a text file (one document), or JSONL with a 'text' (tokenized with data.tokenizer,"
         " by default the run's) or an 'input_ids' field per line. Sequences of train.seq_length (by default the"
         " run's), batches of train.global_batch_size, micro-batches of train.micro_batch_size; parallel.* sets the"
-        " layout (launch with torchrun for more than one rank).",
+        " layout (launch with torchrun for more than one rank). data.reset_attention_mask=true evaluates each record"
+        " as a document of its own.",
         epilog="example: mimo-eval runs/tiny held_out.jsonl train.seq_length=256",
     )
     parser.add_argument(
