@@ -4,7 +4,7 @@ tilings from one tile to many tiny ones; and what it allocates and keeps."""
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from test_model_attention import LargestTensor
 
 import mimo.model.attention_kernel as kernel
 from mimo.model.attention_kernel import attention
@@ -96,21 +96,6 @@ def test_bad_shapes_are_refused():
         attention(query, key[:, :1].expand(-1, 3, -1, -1), value[:, :1].expand(-1, 3, -1, -1), scale=SCALE, past=2)
     with pytest.raises(ValueError, match="window"):
         attention(query, key, value, scale=SCALE, window=-1, past=2)
-
-
-class LargestTensor(TorchDispatchMode):
-    """Records the largest number of elements of any tensor an op produces."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for tensor in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(tensor, torch.Tensor):
-                self.largest = max(self.largest, tensor.numel())
-        return out
 
 
 def largest_intermediate(seq: int, window: int | None) -> int:
