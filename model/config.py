@@ -154,32 +154,32 @@ class ModelConfig:
         )
 
     def _validate_layers(self) -> None:
-        pattern = self.hybrid_layer_pattern
-        if pattern is not None:
-            _require(
-                len(pattern) == self.num_layers,
-                f"model.hybrid_layer_pattern has {len(pattern)} entries but model.num_layers={self.num_layers};"
-                " give one entry (0 = GA, 1 = SWA) per layer, or null for the released model's pattern",
-            )
-            bad = sorted({value for value in pattern if value not in (0, 1)})
-            _require(
-                not bad,
-                f"model.hybrid_layer_pattern contains {bad}; entries must be 0 (global attention) or 1"
-                " (sliding-window attention)",
-            )
+        self._validate_pattern(
+            "hybrid_layer_pattern",
+            ("GA", "SWA"),
+            ("global attention", "sliding-window attention"),
+            "the released model's pattern",
+        )
         _require(
             0 <= self.num_dense_layers <= self.num_layers,
             f"model.num_dense_layers={self.num_dense_layers} must be between 0 and model.num_layers={self.num_layers}",
         )
-        moe = self.moe_layer_pattern
-        if moe is not None:
-            _require(
-                len(moe) == self.num_layers,
-                f"model.moe_layer_pattern has {len(moe)} entries but model.num_layers={self.num_layers}; give one"
-                " entry (0 = dense FFN, 1 = MoE) per layer, or null for the num_dense_layers shorthand",
-            )
-            bad = sorted({value for value in moe if value not in (0, 1)})
-            _require(not bad, f"model.moe_layer_pattern contains {bad}; entries must be 0 (dense FFN) or 1 (MoE)")
+        self._validate_pattern(
+            "moe_layer_pattern", ("dense FFN", "MoE"), ("dense FFN", "MoE"), "the num_dense_layers shorthand"
+        )
+
+    def _validate_pattern(self, key: str, short: tuple[str, str], long: tuple[str, str], when_null: str) -> None:
+        """A per-layer list of 0/1 (``model.<key>``): one entry per layer, nothing but 0 and 1."""
+        pattern = getattr(self, key)
+        if pattern is None:
+            return
+        _require(
+            len(pattern) == self.num_layers,
+            f"model.{key} has {len(pattern)} entries but model.num_layers={self.num_layers}; give one entry"
+            f" (0 = {short[0]}, 1 = {short[1]}) per layer, or null for {when_null}",
+        )
+        bad = sorted({value for value in pattern if value not in (0, 1)})
+        _require(not bad, f"model.{key} contains {bad}; entries must be 0 ({long[0]}) or 1 ({long[1]})")
 
     def _validate_moe(self) -> None:
         _require(
